@@ -1,0 +1,17 @@
+//! ferrox-core: the Python-free algorithms behind ferrox.
+//!
+//! Every module here is plain Rust over slices, unit-tested with `cargo test`;
+//! `rust/python` only converts tensors, releases the GIL and maps errors.
+
+pub mod checkpoint;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+pub mod dtype;
+pub mod error;
+pub mod ops;
+pub mod pack;
+pub mod philox;
+pub mod select;
+
+pub use dtype::{DType, Float};
+pub use error::{Error, Result};
