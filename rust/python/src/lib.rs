@@ -1,1 +1,52 @@
+//! `ferrox._core`: the thin PyO3 layer over `ferrox-core`. Each file wraps
+//! one capability: it converts tensors (`tensor.rs`), releases the GIL and
+//! catches panics (`runtime.rs`) and maps errors (`error.rs`); algorithms
+//! live in the core crate.
+
 use pyo3::prelude::*;
+
+mod checkpoint;
+mod cuda;
+mod error;
+mod ops;
+mod pack;
+mod philox;
+mod runtime;
+mod select;
+mod tensor;
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    let py = m.py();
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("InternalError", py.get_type::<error::InternalError>())?;
+    m.add("CudaError", py.get_type::<error::CudaError>())?;
+    m.add("BUILD_INFO", build_info())?;
+    m.add_function(wrap_pyfunction!(runtime::set_num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(runtime::get_num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(runtime::_debug_panic, m)?)?;
+    m.add_function(wrap_pyfunction!(ops::axpby, m)?)?;
+    m.add_function(wrap_pyfunction!(select::kth_largest_abs, m)?)?;
+    m.add_function(wrap_pyfunction!(select::band_mask, m)?)?;
+    m.add_function(wrap_pyfunction!(pack::packed_row_bytes, m)?)?;
+    m.add_function(wrap_pyfunction!(pack::pack_signs, m)?)?;
+    m.add_function(wrap_pyfunction!(pack::unpack_signs, m)?)?;
+    m.add_function(wrap_pyfunction!(pack::pack_codes, m)?)?;
+    m.add_function(wrap_pyfunction!(pack::unpack_codes, m)?)?;
+    m.add_function(wrap_pyfunction!(philox::philox4x32_10, m)?)?;
+    m.add_function(wrap_pyfunction!(philox::philox_uniform, m)?)?;
+    m.add_function(wrap_pyfunction!(philox::philox_normal, m)?)?;
+    m.add_function(wrap_pyfunction!(philox::philox_bits, m)?)?;
+    m.add_function(wrap_pyfunction!(checkpoint::read_checkpoint, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda::cuda_driver_info, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda::nvrtc_check, m)?)?;
+    Ok(())
+}
+
+fn build_info() -> String {
+    format!(
+        "ferrox-core {} ({} build; CUDA via cudarc, loaded at run time)",
+        env!("CARGO_PKG_VERSION"),
+        if cfg!(debug_assertions) { "debug" } else { "release" },
+    )
+}
