@@ -1,6 +1,6 @@
 //! Elementwise ops: the first kernel proven on both CPU and CUDA.
 
-use ferrox_core::{ops, DType, Error, Float};
+use ferrox_core::{ops, DType, Error};
 use pyo3::prelude::*;
 
 use crate::runtime::compute;
@@ -56,7 +56,7 @@ pub fn axpby(
                     compute(py, move || ops::axpby_inplace_x(o, b, a, xs))
                 }
                 (Alias::Same, Alias::Same) => compute(py, move || {
-                    o.iter_mut().for_each(|v| *v = T::from_f32(a * v.to_f32() + b * v.to_f32()));
+                    ops::axpby_inplace_both(o, a, b);
                     Ok(())
                 }),
             }
