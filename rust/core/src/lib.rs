@@ -8,6 +8,7 @@ pub mod checkpoint;
 pub mod cuda;
 pub mod dtype;
 pub mod error;
+pub mod merge;
 pub mod ops;
 pub mod pack;
 pub mod philox;

@@ -64,17 +64,42 @@ fn nan_at(i: usize) -> Error {
     Error::Value(format!("x contains NaN at index {i}"))
 }
 
+/// Anything that yields |x| keys by index: a slice of floats, or values
+/// computed on the fly (a task vector's delta), so selection never needs the
+/// values materialised.
+pub trait Keys: Sync {
+    fn len(&self) -> usize;
+    /// The abs key of element `i`, `None` for NaN.
+    fn key(&self, i: usize) -> Option<u32>;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl<T: Float> Keys for [T] {
+    fn len(&self) -> usize {
+        <[T]>::len(self)
+    }
+    #[inline(always)]
+    fn key(&self, i: usize) -> Option<u32> {
+        self[i].abs_key()
+    }
+}
+
+fn chunks(n: usize) -> impl IndexedParallelIterator<Item = std::ops::Range<usize>> {
+    (0..n.div_ceil(CHUNK)).into_par_iter().map(move |c| c * CHUNK..((c + 1) * CHUNK).min(n))
+}
+
 /// Histogram of `(key >> shift) & (bins-1)` over the keys whose `key >> 16`
 /// equals `high` (when given). The first pass also refuses NaN.
-fn histogram<T: Float>(x: &[T], shift: u32, bins: usize, high: Option<u32>) -> Result<Vec<u64>> {
+fn histogram<K: Keys + ?Sized>(x: &K, shift: u32, bins: usize, high: Option<u32>) -> Result<Vec<u64>> {
     let mask = (bins - 1) as u32;
-    x.par_chunks(CHUNK)
-        .enumerate()
+    chunks(x.len())
         .try_fold(
             || vec![0u64; bins],
-            |mut h, (ci, chunk)| {
-                for (j, v) in chunk.iter().enumerate() {
-                    let key = v.abs_key().ok_or_else(|| nan_at(ci * CHUNK + j))?;
+            |mut h, range| {
+                for i in range {
+                    let key = x.key(i).ok_or_else(|| nan_at(i))?;
                     if high.map_or(true, |hb| key >> 16 == hb) {
                         h[((key >> shift) & mask) as usize] += 1;
                     }
@@ -107,6 +132,16 @@ fn descend(hist: &[u64], r: u64) -> (u32, u64) {
 
 /// The cut of the top-`r` set by |x| (0 <= r <= n).
 pub fn top_cut<T: Float>(x: &[T], r: usize) -> Result<RankCut> {
+    top_cut_keys(x, r, T::KEY_BITS)
+}
+
+/// `top_cut` over any key source whose keys have `key_bits` significant bits
+/// (15 for f16/bf16: one histogram pass; 31 for f32: two).
+pub fn top_cut_keys<K: Keys + ?Sized>(x: &K, r: usize, key_bits: u32) -> Result<RankCut> {
+    top_cut_bits(x, r, key_bits)
+}
+
+fn top_cut_bits<K: Keys + ?Sized>(x: &K, r: usize, key_bits: u32) -> Result<RankCut> {
     if r > x.len() {
         return Err(Error::Value(format!("r: expected 0 <= r <= {}, got {r}", x.len())));
     }
@@ -115,8 +150,8 @@ pub fn top_cut<T: Float>(x: &[T], r: usize) -> Result<RankCut> {
         histogram(x, 0, 2, None)?;
         return Ok(RankCut::empty());
     }
-    let (key, above) = if T::KEY_BITS <= 16 {
-        let h = histogram(x, 0, 1 << T::KEY_BITS, None)?;
+    let (key, above) = if key_bits <= 16 {
+        let h = histogram(x, 0, 1 << key_bits, None)?;
         let (bin, above) = descend(&h, r as u64);
         (bin, above)
     } else {
@@ -146,12 +181,15 @@ fn check_band(lo: usize, hi: usize, len: usize) -> Result<()> {
     Ok(())
 }
 
-/// How many keys equal `key` in each chunk, as exclusive prefix sums: the
-/// tie ordinal each chunk starts at.
-fn tie_offsets<T: Float>(x: &[T], key: u32) -> Vec<usize> {
-    let counts: Vec<usize> = x
-        .par_chunks(CHUNK)
-        .map(|c| c.iter().filter(|v| v.abs_key() == Some(key)).count())
+/// How many keys equal `cut.key` come before each chunk: the tie ordinal
+/// each chunk starts at (all zeros when no partial tie needs counting).
+pub fn tie_offsets<K: Keys + ?Sized>(x: &K, cut: RankCut) -> Vec<usize> {
+    let n_chunks = x.len().div_ceil(CHUNK);
+    if cut.ties == 0 {
+        return vec![0; n_chunks];
+    }
+    let counts: Vec<usize> = chunks(x.len())
+        .map(|range| range.filter(|&i| x.key(i) == Some(cut.key)).count())
         .collect();
     counts
         .iter()
@@ -163,14 +201,17 @@ fn tie_offsets<T: Float>(x: &[T], key: u32) -> Vec<usize> {
         .collect()
 }
 
+/// The chunk size that `tie_offsets` counts in.
+pub const TIE_CHUNK: usize = CHUNK;
+
 /// out[i] = 1 iff rank(x[i]) is in [lo, hi) over the whole slice.
 pub fn band_mask<T: Float>(x: &[T], lo: usize, hi: usize, out: &mut [u8]) -> Result<()> {
     check_len("out", x.len(), out.len())?;
     check_band(lo, hi, x.len())?;
     let cut_hi = top_cut(x, hi)?;
     let cut_lo = top_cut(x, lo)?;
-    let start_hi = tie_offsets(x, cut_hi.key);
-    let start_lo = tie_offsets(x, cut_lo.key);
+    let start_hi = tie_offsets(x, cut_hi);
+    let start_lo = tie_offsets(x, cut_lo);
     out.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK))
         .enumerate()
@@ -187,7 +228,7 @@ pub fn band_mask<T: Float>(x: &[T], lo: usize, hi: usize, out: &mut [u8]) -> Res
 }
 
 /// The cut of the top-`r` set of one row, from its keys (reordered in place).
-fn row_cut(keys: &mut [u32], r: usize) -> RankCut {
+pub fn row_cut(keys: &mut [u32], r: usize) -> RankCut {
     if r == 0 {
         return RankCut::empty();
     }
