@@ -34,7 +34,7 @@ def _cmd_doctor(args) -> int:
     print(f"nvrtc library: {nvrtc or 'system loader search'}")
     try:
         rep = cuda.nvrtc_check(arch)
-        sizes = ", ".join(f"{k} {v} B" for k, v in sorted(rep["ptx_bytes"].items()))
+        sizes = ", ".join(f"{k} {v} B" for k, v in sorted(rep["code_bytes"].items()))
         print(f"nvrtc {rep['version'][0]}.{rep['version'][1]}: compiled all kernels for {arch} ({sizes})")
     except RuntimeError as e:
         print(f"nvrtc: kernels did not compile for {arch}: {e}")

@@ -32,6 +32,6 @@ pub fn nvrtc_check<'py>(py: Python<'py>, arch: String) -> PyResult<Bound<'py, Py
     let report = compute(py, move || ferrox_core::cuda::nvrtc_check(&arch))?;
     let out = PyDict::new(py);
     out.set_item("version", report.version)?;
-    out.set_item("ptx_bytes", report.ptx_bytes.clone())?;
+    out.set_item("code_bytes", report.code_bytes.clone())?;
     Ok(out)
 }
