@@ -29,7 +29,9 @@ def test_minilm_matches_safetensors_library():
     ref = reference_entries(MINILM)
     assert {t.name: (t.dtype, t.shape) for t in info.tensors} == ref
     assert 22_000_000 < info.total_params < 23_000_000
-    assert info.total_bytes == sum(t.numel * 4 for t in info.tensors)  # F32 weights
+    size = {"F32": 4, "I64": 8}
+    assert info.total_bytes == sum(t.numel * size[t.dtype] for t in info.tensors)
+    assert os.path.getsize(MINILM) > info.total_bytes
     assert info.index is None and len(info.files) == 1
 
 
