@@ -10,7 +10,7 @@ file of the Rust core: ``select``, ``pack``, ``philox``, ``ops``, ``cuda``,
 from . import _core
 from ._core import CudaError, InternalError, __version__
 from ._runtime import get_num_threads, set_num_threads
-from . import checkpoint, cuda, ops, pack, philox, select  # noqa: E402
+from . import checkpoint, cuda, merge, ops, pack, philox, select  # noqa: E402
 
 __all__ = [
     "__version__",
@@ -19,6 +19,7 @@ __all__ = [
     "checkpoint",
     "cuda",
     "get_num_threads",
+    "merge",
     "ops",
     "pack",
     "philox",

@@ -253,7 +253,8 @@ fn validate<T: Float>(base: &[T], terms: &[Term<'_, T>], p: &Params, out: &[T]) 
 fn combine(base: f32, v: &[f32], w: &[f32], p: &Params) -> f32 {
     let (mut mixed, mut divisor) = (0.0f32, 0.0f32);
     if p.consensus {
-        let positive = v.iter().sum::<f32>() >= 0.0;
+        // Sums start at +0.0 (not Sum's -0.0) so zero signs match the reference.
+        let positive = v.iter().fold(0.0f32, |a, &b| a + b) >= 0.0;
         for (&vi, &wi) in v.iter().zip(w) {
             if (positive && vi > 0.0) || (!positive && vi < 0.0) {
                 mixed += vi;
@@ -264,8 +265,8 @@ fn combine(base: f32, v: &[f32], w: &[f32], p: &Params) -> f32 {
             divisor = 1.0;
         }
     } else {
-        mixed = v.iter().sum();
-        divisor = w.iter().sum();
+        mixed = v.iter().fold(0.0f32, |a, &b| a + b);
+        divisor = w.iter().fold(0.0f32, |a, &b| a + b);
         if divisor.abs() < 1e-8 {
             divisor = 1.0;
         }
@@ -362,13 +363,15 @@ fn merge_whole<T: Float>(base: &[T], terms: &[Term<'_, T>], p: &Params, out: &mu
     let chunk_range = |c: usize| c * TIE_CHUNK..((c + 1) * TIE_CHUNK).min(n);
     let mut scales: Vec<f32> = terms.iter().map(|t| t.weight).collect();
     if p.rescale {
-        let sums = (0..n.div_ceil(TIE_CHUNK))
+        // Per-chunk sums added in chunk order: the same bits whatever the
+        // thread count (a parallel reduce would reassociate).
+        let per_chunk: Vec<Vec<(f64, f64)>> = (0..n.div_ceil(TIE_CHUNK))
             .into_par_iter()
             .map(|c| rescale_factors(base, terms, &mut cursors_at(c), chunk_range(c)))
-            .reduce(
-                || vec![(0.0, 0.0); terms.len()],
-                |a, b| a.iter().zip(&b).map(|(x, y)| (x.0 + y.0, x.1 + y.1)).collect(),
-            );
+            .collect();
+        let sums = per_chunk.iter().fold(vec![(0.0, 0.0); terms.len()], |a, b| {
+            a.iter().zip(b).map(|(x, y)| (x.0 + y.0, x.1 + y.1)).collect()
+        });
         scales.iter_mut().zip(sums).for_each(|(s, f)| *s *= factor(f));
     }
     out.par_chunks_mut(TIE_CHUNK).enumerate().for_each(|(c, o)| {
@@ -401,26 +404,5 @@ fn merge_rows<T: Float>(base: &[T], terms: &[Term<'_, T>], p: &Params, row_len: 
             write_range(base, terms, &mut fresh(), &scales, p, range, o);
         },
     );
-    Ok(())
-}
-
-/// Weighted average of whole models (mergekit's `linear`): Σ w_i x_i / Σ w_i
-/// when `normalize`, else Σ w_i x_i.
-pub fn linear<T: Float>(models: &[(&[T], f32)], normalize: bool, out: &mut [T]) -> Result<()> {
-    if models.is_empty() {
-        return Err(Error::Value("models: expected at least one model, got none".into()));
-    }
-    for (m, (x, _)) in models.iter().enumerate() {
-        check_len(&format!("models[{m}]"), out.len(), x.len())?;
-    }
-    let total: f32 = models.iter().map(|(_, w)| w).sum();
-    let divisor = if normalize && total.abs() >= 1e-8 { total } else { 1.0 };
-    out.par_chunks_mut(TIE_CHUNK).enumerate().for_each(|(c, o)| {
-        let start = c * TIE_CHUNK;
-        for (j, v) in o.iter_mut().enumerate() {
-            let s: f32 = models.iter().map(|(x, w)| w * x[start + j].to_f32()).sum();
-            *v = T::from_f32(s / divisor);
-        }
-    });
     Ok(())
 }

@@ -8,6 +8,7 @@ use pyo3::prelude::*;
 mod checkpoint;
 mod cuda;
 mod error;
+mod merge;
 mod ops;
 mod pack;
 mod philox;
@@ -28,6 +29,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(ops::axpby, m)?)?;
     m.add_function(wrap_pyfunction!(select::kth_largest_abs, m)?)?;
     m.add_function(wrap_pyfunction!(select::band_mask, m)?)?;
+    m.add_function(wrap_pyfunction!(merge::merge_tensor, m)?)?;
     m.add_function(wrap_pyfunction!(pack::packed_row_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(pack::pack_signs, m)?)?;
     m.add_function(wrap_pyfunction!(pack::unpack_signs, m)?)?;

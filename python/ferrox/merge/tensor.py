@@ -1,0 +1,88 @@
+"""Merging one tensor (the unit every checkpoint merge streams through)."""
+
+import hashlib
+from typing import Optional, Sequence
+
+import torch
+
+from .. import _checks, _core
+from .methods import MergeMethod, get_method
+
+GRANULARITIES = ("tensor", "row")
+
+
+def rng_stream(tensor_name: str, model_index: int) -> int:
+    """The Philox stream of one model's DARE mask on one tensor: a stable
+    hash, so masks do not depend on tensor order, threads or chunking."""
+    digest = hashlib.blake2b(f"{tensor_name}\0{model_index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+def _per_model(name, value, n, default):
+    if value is None:
+        value = default
+    if isinstance(value, (int, float)):
+        return [float(value)] * n
+    value = [float(v) for v in value]
+    if len(value) != n:
+        raise ValueError(f"{name}: expected {n} values (one per model), got {len(value)}")
+    return value
+
+
+def merge_tensors(
+    method,
+    base: Optional[torch.Tensor],
+    models: Sequence[torch.Tensor],
+    *,
+    weight=None,
+    density=None,
+    gamma=None,
+    lam: float = 1.0,
+    normalize: Optional[bool] = None,
+    rescale: Optional[bool] = None,
+    granularity: str = "tensor",
+    seed: int = 0,
+    tensor_name: str = "",
+    check_finite: bool = True,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Merges one tensor of several fine-tuned models.
+
+    ``method`` is a registry name (``ferrox.merge.METHODS``) or a
+    ``MergeMethod``. ``weight``/``density``/``gamma`` are a number or one
+    value per model (mergekit's meaning: ``density`` is the kept fraction,
+    ``gamma`` the fraction of largest-|τ| outliers Breadcrumbs drops).
+    ``normalize``/``rescale`` default to the method's mergekit defaults.
+    ``granularity="row"`` ranks |τ| within each row of the last dimension
+    (the Breadcrumbs paper); ``"tensor"`` over the whole tensor (mergekit).
+    """
+    m: MergeMethod = method if isinstance(method, MergeMethod) else get_method(method)
+    models = list(models)
+    if not models:
+        raise ValueError("models: expected at least one model, got none")
+    for i, t in enumerate(models):
+        _checks.tensor(f"models[{i}]", t)
+    if m.needs_base:
+        if base is None:
+            raise ValueError(f"base: method {m.name!r} needs a base model")
+        _checks.tensor("base", base)
+    else:
+        base = torch.zeros_like(models[0])
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity: expected one of {GRANULARITIES}, got {granularity!r}")
+    n = len(models)
+    weights = _per_model("weight", weight, n, 1.0)
+    densities = [_checks.fraction("density", d) for d in _per_model("density", density, n, 1.0)]
+    gammas = [_checks.fraction("gamma", g) for g in _per_model("gamma", gamma, n, 0.01)]
+    _checks.count("seed", seed, 0, 2**64 - 1)
+    sparsify = [(m.sparsify, d, g, seed, rng_stream(tensor_name, i)) for i, (d, g) in enumerate(zip(densities, gammas))]
+    row_len = base.shape[-1] if granularity == "row" and base.dim() > 0 and base.numel() > 0 else 0
+    if out is None:
+        out = torch.empty(base.shape, dtype=base.dtype)
+    _core.merge_tensor(
+        out, base, models, weights, sparsify, m.consensus,
+        m.normalize if normalize is None else bool(normalize),
+        m.rescale if rescale is None else bool(rescale),
+        float(lam), row_len, check_finite,
+    )
+    return out
