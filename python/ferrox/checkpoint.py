@@ -72,3 +72,88 @@ def human_bytes(n: int) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n} B"
+
+
+# --- writing ---------------------------------------------------------------
+
+SAFETENSORS_DTYPES = {
+    "torch.float32": "F32", "torch.float16": "F16", "torch.bfloat16": "BF16", "torch.float64": "F64",
+    "torch.int64": "I64", "torch.int32": "I32", "torch.int16": "I16", "torch.int8": "I8",
+    "torch.uint8": "U8", "torch.bool": "BOOL",
+}
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    name: str
+    dtype: str  # safetensors spelling
+    shape: tuple
+    nbytes: int
+
+
+class ShardedWriter:
+    """Writes a sharded safetensors checkpoint whose headers are computed up
+    front from the planned tensors, so each tensor is written at its final
+    offset as soon as it is produced and nothing accumulates in memory.
+
+    Files are named like Hugging Face's (``model-00001-of-00003.safetensors``
+    plus ``model.safetensors.index.json``; a single ``model.safetensors`` when
+    everything fits in one shard).
+    """
+
+    def __init__(self, folder, planned, max_shard_bytes: int, metadata=None):
+        import json as _json
+
+        self.folder = os.fspath(folder)
+        groups, size = [[]], 0
+        for t in planned:
+            if groups[-1] and size + t.nbytes > max_shard_bytes:
+                groups.append([])
+                size = 0
+            groups[-1].append(t)
+            size += t.nbytes
+        n = len(groups)
+        names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self.where = {}
+        self.files = []
+        for fname, group in zip(names, groups):
+            header, offset = {"__metadata__": {"format": "pt", **(metadata or {})}}, 0
+            for t in group:
+                header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+                offset += t.nbytes
+            raw = _json.dumps(header, separators=(",", ":")).encode()
+            raw += b" " * (-len(raw) % 8)  # 8-byte aligned data section
+            path = os.path.join(self.folder, fname)
+            with open(path, "wb") as f:
+                f.write(len(raw).to_bytes(8, "little"))
+                f.write(raw)
+                f.truncate(8 + len(raw) + offset)
+            start = 8 + len(raw)
+            for t in group:
+                self.where[t.name] = (path, start + header[t.name]["data_offsets"][0], t)
+            self.files.append(path)
+        if n > 1:
+            index = {"metadata": {"total_size": sum(t.nbytes for t in planned)},
+                     "weight_map": {t.name: fname for fname, g in zip(names, groups) for t in g}}
+            with open(os.path.join(self.folder, "model.safetensors.index.json"), "w") as f:
+                _json.dump(index, f, indent=2)
+        self._handles = {}
+
+    def write(self, name: str, tensor) -> None:
+        path, offset, planned = self.where[name]
+        dtype = SAFETENSORS_DTYPES.get(str(tensor.dtype))
+        if dtype != planned.dtype or tuple(tensor.shape) != tuple(planned.shape):
+            raise ValueError(f"{name}: planned {planned.dtype} {list(planned.shape)}, got {dtype} {list(tensor.shape)}")
+        data = tensor.contiguous().view(-1).view(__import__("torch").uint8).numpy()
+        f = self._handles.get(path)
+        if f is None:
+            f = self._handles[path] = open(path, "r+b")
+        f.seek(offset)
+        f.write(memoryview(data))
+
+    def close(self) -> None:
+        for f in self._handles.values():
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+        self._handles = {}

@@ -1,5 +1,5 @@
 """The ``ferrox`` command line: ``ferrox --version``, ``ferrox doctor``,
-``ferrox inspect PATH``."""
+``ferrox inspect PATH``, ``ferrox merge CONFIG OUT``."""
 
 import argparse
 import json
@@ -77,6 +77,41 @@ def _cmd_inspect(args) -> int:
     return 0
 
 
+def parse_count(text: str) -> int:
+    """mergekit's element counts: 500M, 1B, 5B, or a plain integer."""
+    text = str(text).strip().upper()
+    scale = {"K": 10**3, "M": 10**6, "B": 10**9}.get(text[-1:], 1)
+    digits = text[:-1] if scale > 1 else text
+    try:
+        value = int(float(digits) * scale)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a count like 500M or 5B, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive count, got {text!r}")
+    return value
+
+
+def _cmd_merge(args) -> int:
+    from .merge import load_config, merge_checkpoints
+
+    out = args.out or args.out_positional
+    if not out:
+        raise ValueError("give the output folder: ferrox merge CONFIG OUT (or --out OUT)")
+    if args.out and args.out_positional and args.out != args.out_positional:
+        raise ValueError(f"two output folders given: {args.out_positional} and --out {args.out}")
+    device = "cuda" if args.cuda else args.device
+    if device != "cpu":
+        raise ValueError(f"--device {device}: CUDA merging is not available in this version yet; use --device cpu")
+    cfg = load_config(args.config)
+    if args.random_seed is not None:
+        cfg.seed = args.random_seed
+    report = merge_checkpoints(cfg, out, force=args.force, max_shard_elements=args.out_shard_size,
+                               allow_nonfinite=args.allow_nonfinite, progress=False if args.no_progress else None)
+    print(f"merged {report.merged} tensors ({report.copied} copied) with {cfg.method.name} into {report.out}: "
+          f"{checkpoint.human_bytes(report.bytes_written)} in {report.seconds:.1f} s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ferrox", description="Merge, compress and inspect model checkpoints.")
     p.add_argument("--version", action="version", version=f"ferrox {__version__}")
@@ -89,6 +124,20 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("path", nargs="?", help="file or folder (default: the embedded all-MiniLM-L6-v2)")
     i.add_argument("--json", action="store_true", help="machine-readable output")
     i.set_defaults(func=_cmd_inspect)
+    m = sub.add_parser("merge", help="merge checkpoints from a mergekit-style YAML config")
+    m.add_argument("config", help="YAML config (mergekit's keys, plus keep_frac/outlier_frac/granularity/seed)")
+    m.add_argument("out_positional", nargs="?", metavar="OUT", help="output folder (or --out)")
+    m.add_argument("--out", help="output folder")
+    m.add_argument("--force", action="store_true", help="replace an existing output folder")
+    m.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to merge (default cpu)")
+    m.add_argument("--cuda", action="store_true", help="same as --device cuda (mergekit's flag)")
+    m.add_argument("--random-seed", type=int, help="seed for DARE masks (overrides the config's seed)")
+    m.add_argument("--out-shard-size", type=parse_count, default=parse_count("5B"),
+                   help="elements per output shard, mergekit's units (default 5B)")
+    m.add_argument("--allow-crimes", action="store_true", help="accepted for mergekit compatibility (no effect)")
+    m.add_argument("--allow-nonfinite", action="store_true", help="merge NaN/Inf inputs instead of refusing them")
+    m.add_argument("--no-progress", action="store_true", help="no progress bar")
+    m.set_defaults(func=_cmd_merge)
     return p
 
 
@@ -100,6 +149,9 @@ def main(argv=None) -> int:
         return 2
     try:
         return args.func(args)
+    except KeyboardInterrupt:
+        print(f"ferrox {args.command}: interrupted; nothing was written", file=sys.stderr)
+        return 130
     except (OSError, ValueError, TypeError) as e:
         print(f"ferrox {args.command}: error: {e}", file=sys.stderr)
         return 1

@@ -1,0 +1,220 @@
+"""Merging whole checkpoints: plan every output tensor from the input
+headers, merge tensor by tensor, write each at its precomputed offset, and
+publish the output folder atomically."""
+
+import contextlib
+import os
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import torch
+import yaml
+from safetensors import safe_open
+
+from .. import checkpoint as ckpt
+from .config import MergeConfig
+from .tensor import merge_tensors
+
+TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+NAME_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Files besides weights that make an output folder loadable.
+COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+          "special_tokens_map.json", "tokenizer.model", "vocab.txt", "merges.txt", "vocab.json",
+          "added_tokens.json", "modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
+
+
+class MergeError(ValueError):
+    """Inputs that cannot be merged (missing tensors, mismatched shapes, ...)."""
+
+
+@dataclass
+class MergeReport:
+    out: str
+    tensors: int
+    merged: int
+    copied: int
+    bytes_written: int
+    seconds: float
+    density: Dict[str, float]  # per merged tensor: fraction of elements that changed
+
+
+class _Inputs:
+    """Open safetensors handles of every input, by tensor name."""
+
+    def __init__(self, path: str):
+        self.info = ckpt.read_checkpoint(path)
+        self.path = path
+        self._handles = {}
+
+    def entry(self, name):
+        for t in self.info.tensors:
+            if t.name == name:
+                return t
+        return None
+
+    def load(self, entry) -> torch.Tensor:
+        f = self._handles.get(entry.file)
+        if f is None:
+            f = self._handles[entry.file] = safe_open(entry.file, "pt")
+        return f.get_tensor(entry.name)
+
+    def close(self):
+        self._handles.clear()
+
+
+def _plan(cfg: MergeConfig, inputs: List[_Inputs]):
+    """Output tensors in the reference model's order, checking every input
+    has each tensor with the same shape and dtype."""
+    ref = inputs[0]
+    planned = []
+    by_name = [{t.name: t for t in i.info.tensors} for i in inputs]
+    for t in ref.info.tensors:
+        for inp, names in zip(inputs[1:], by_name[1:]):
+            other = names.get(t.name)
+            if other is None:
+                raise MergeError(f"{inp.path}: tensor {t.name!r} is missing (present in {ref.path})")
+            if other.shape != t.shape or other.dtype != t.dtype:
+                raise MergeError(f"{inp.path}: tensor {t.name!r} is {other.dtype} {list(other.shape)}, "
+                                 f"but {t.dtype} {list(t.shape)} in {ref.path}")
+        out_dtype = t.dtype
+        if t.dtype in TORCH_DTYPES and (cfg.out_dtype or cfg.dtype):
+            out_dtype = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}[cfg.out_dtype or cfg.dtype]
+        size = {"F32": 4, "F16": 2, "BF16": 2}.get(out_dtype)
+        nbytes = t.numel * size if size else t.nbytes
+        planned.append(ckpt.PlannedTensor(t.name, out_dtype, t.shape, nbytes))
+    for inp, names in zip(inputs[1:], by_name[1:]):
+        extra = set(names) - {t.name for t in ref.info.tensors}
+        if extra:
+            raise MergeError(f"{inp.path}: tensor {sorted(extra)[0]!r} is not in {ref.path}")
+    return planned
+
+
+@contextlib.contextmanager
+def _atomic_folder(out: str, force: bool):
+    """Yields a temporary sibling of ``out``; renames it into place on success.
+    On any error, SIGINT or SIGTERM the temporary folder is removed and an
+    existing ``out`` is left untouched."""
+    out = os.path.abspath(out)
+    if os.path.exists(out) and not force:
+        raise FileExistsError(f"{out} exists; pass --force to replace it")
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(out)}.ferrox-tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, on_term) if _main_thread() else None
+    try:
+        yield tmp
+        old = None
+        if os.path.exists(out):
+            old = os.path.join(parent, f".{os.path.basename(out)}.ferrox-old-{os.getpid()}")
+            os.rename(out, old)
+        os.rename(tmp, out)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _main_thread():
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _copy_side_files(cfg: MergeConfig, dest: str):
+    src = cfg.base or cfg.models[0].path
+    if not os.path.isdir(src):
+        return
+    for name in COPIED:
+        p = os.path.join(src, name)
+        if os.path.isfile(p):
+            shutil.copy2(p, os.path.join(dest, name))
+
+
+def _model_card(cfg: MergeConfig, report_bytes: int) -> str:
+    lines = [
+        "---", "tags: [merge, ferrox]", "---", "",
+        f"# Merged with ferrox ({cfg.method.name})", "",
+        f"Method: `{cfg.method.name}` ({cfg.method.reference}), granularity `{cfg.granularity}`, "
+        f"normalize={cfg.normalize}, rescale={cfg.rescale}, lambda={cfg.lam}, seed={cfg.seed}.", "",
+        f"Base model: `{cfg.base}`" if cfg.base else "No base model.", "", "Models:",
+    ]
+    lines += [f"- `{m.path}`: " + ", ".join(f"{k}={v}" for k, v in m.params.items()) for m in cfg.models]
+    lines += ["", f"Weights: {ckpt.human_bytes(report_bytes)}. The resolved config is in `ferrox_config.yml`."]
+    return "\n".join(lines) + "\n"
+
+
+def merge_checkpoints(cfg: MergeConfig, out: str, *, force: bool = False, max_shard_elements: int = 5_000_000_000,
+                      allow_nonfinite: bool = False, progress: Optional[bool] = None) -> MergeReport:
+    """Runs a merge config and writes the merged model to ``out``."""
+    from tqdm import tqdm
+
+    start = time.perf_counter()
+    paths = ([cfg.base] if cfg.base else []) + [m.path for m in cfg.models]
+    inputs = [_Inputs(p) for p in paths]
+    planned = _plan(cfg, inputs)
+    # mergekit counts shard sizes in elements; the widest output element sets bytes.
+    widest = max((p.nbytes // max(1, _numel(p.shape)) for p in planned), default=1)
+    max_shard_bytes = max_shard_elements * widest
+    compute_dtype = NAME_DTYPES.get(cfg.dtype) if cfg.dtype else None
+    density, merged, copied = {}, 0, 0
+    with _atomic_folder(out, force) as tmp:
+        writer = ckpt.ShardedWriter(tmp, planned, max_shard_bytes, metadata={"merged_by": "ferrox"})
+        try:
+            bar = tqdm(planned, desc=f"ferrox merge ({cfg.method.name})", unit="tensor", disable=None if progress is None else not progress)
+            for p in bar:
+                tensors = [i.load(i.entry(p.name)) for i in inputs]
+                if tensors[0].dtype not in TORCH_DTYPES.values():
+                    writer.write(p.name, tensors[0])  # integer buffers: the reference model's
+                    copied += 1
+                    continue
+                if compute_dtype is not None:
+                    tensors = [t.to(compute_dtype) for t in tensors]
+                base, models = (tensors[0], tensors[1:]) if cfg.base else (None, tensors)
+                try:
+                    result = merge_tensors(
+                        cfg.method, base, models,
+                        weight=[m.params["weight"] for m in cfg.models],
+                        density=[m.params.get("density", 1.0) for m in cfg.models],
+                        gamma=[m.params.get("gamma", 0.01) for m in cfg.models],
+                        lam=cfg.lam, normalize=cfg.normalize, rescale=cfg.rescale,
+                        granularity=cfg.granularity, seed=cfg.seed, tensor_name=p.name,
+                        check_finite=not allow_nonfinite,
+                    )
+                except ValueError as e:
+                    msg = str(e).replace("models[", "model[")
+                    raise MergeError(f"tensor {p.name!r}: {msg} (inputs: {', '.join(paths)})") from None
+                ref = base if base is not None else models[0]
+                density[p.name] = float((result != ref).float().mean()) if ref.numel() else 0.0
+                writer.write(p.name, result.to(TORCH_DTYPES[p.dtype]))
+                merged += 1
+        finally:
+            writer.close()
+            for i in inputs:
+                i.close()
+        _copy_side_files(cfg, tmp)
+        total = sum(p.nbytes for p in planned)
+        with open(os.path.join(tmp, "ferrox_config.yml"), "w") as f:
+            yaml.safe_dump(cfg.resolved(), f, sort_keys=False)
+        with open(os.path.join(tmp, "README.md"), "w") as f:
+            f.write(_model_card(cfg, total))
+    return MergeReport(os.path.abspath(out), len(planned), merged, copied, total, time.perf_counter() - start, density)

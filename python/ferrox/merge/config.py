@@ -1,0 +1,180 @@
+"""Merge configs: mergekit's YAML (the same keys mean the same thing) plus
+ferrox's own names. Keys ferrox does not implement yet are refused by name,
+never silently ignored.
+
+Name mapping (mergekit -> paper): ``density`` is the kept fraction (the
+Breadcrumbs paper's β, ``keep_frac``); ``gamma`` is the fraction of largest
+outliers dropped first (the paper's γ, ``outlier_frac``). ferrox also reads
+``keep_frac``/``outlier_frac`` and ``granularity: tensor | row`` (mergekit
+ranks per tensor; the Breadcrumbs paper's code per row).
+"""
+
+import os
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import yaml
+
+from .methods import MergeMethod, get_method
+
+TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "name"}
+REFUSED_TOP = {"slices", "tokenizer_source", "tokenizer", "chat_template", "modules", "architecture"}
+MODEL_KEYS = {"model", "parameters"}
+GLOBAL_PARAMS = {"normalize", "rescale", "lambda", "granularity", "seed"}
+REFUSED_PARAMS = {"int8_mask", "epsilon"}
+ALIASES = {"keep_frac": "density", "outlier_frac": "gamma"}
+PER_MODEL = {"weight", "density", "gamma"}
+DTYPES = {"float32", "float16", "bfloat16"}
+
+
+class ConfigError(ValueError):
+    """A merge config that ferrox cannot run as written."""
+
+
+@dataclass
+class ModelEntry:
+    path: str
+    params: Dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class MergeConfig:
+    method: MergeMethod
+    base: Optional[str]
+    models: List[ModelEntry]
+    normalize: bool
+    rescale: bool
+    lam: float
+    granularity: str
+    seed: int
+    dtype: Optional[str]
+    out_dtype: Optional[str]
+    source: dict
+
+    def resolved(self) -> dict:
+        """The config with every default filled in (written as provenance)."""
+        return {
+            "merge_method": self.method.name,
+            "base_model": self.base,
+            "models": [{"model": m.path, "parameters": dict(m.params)} for m in self.models],
+            "parameters": {"normalize": self.normalize, "rescale": self.rescale, "lambda": self.lam,
+                           "granularity": self.granularity, "seed": self.seed},
+            "dtype": self.dtype,
+            "out_dtype": self.out_dtype,
+        }
+
+
+def _scalar(where: str, key: str, value):
+    if isinstance(value, list):
+        raise ConfigError(f"{where}: parameter {key!r} is a gradient list; ferrox does not support gradients yet")
+    if isinstance(value, dict):
+        raise ConfigError(f"{where}: parameter {key!r} uses filters; ferrox does not support filtered parameters yet")
+    return value
+
+
+def _params(where: str, raw, allowed) -> dict:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: parameters must be a mapping, got {type(raw).__name__}")
+    out = {}
+    for key, value in raw.items():
+        if key in REFUSED_PARAMS:
+            raise ConfigError(f"{where}: parameter {key!r} is not supported by ferrox yet")
+        key = ALIASES.get(key, key)
+        if key not in allowed:
+            raise ConfigError(f"{where}: unknown parameter {key!r} (known: {sorted(allowed)})")
+        out[key] = _scalar(where, key, value)
+    return out
+
+
+def _local_path(where: str, path, config_dir: str) -> str:
+    if not isinstance(path, str) or not path:
+        raise ConfigError(f"{where}: expected a local path, got {path!r}")
+    full = path if os.path.isabs(path) else os.path.join(config_dir, path)
+    if not os.path.exists(full):
+        if "/" in path and not path.startswith((".", "/")) and path.count("/") == 1:
+            raise ConfigError(f"{where}: {path!r} looks like a hub model id; ferrox never downloads, give a local folder")
+        raise ConfigError(f"{where}: no such model file or folder: {full}")
+    return os.path.normpath(full)
+
+
+def _fraction(where: str, key: str, v) -> float:
+    try:
+        v = float(v)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: {key} must be a number, got {v!r}") from None
+    if not 0.0 <= v <= 1.0:
+        raise ConfigError(f"{where}: {key} must be a fraction in [0, 1], got {v}")
+    return v
+
+
+def parse_config(raw: dict, config_dir: str = ".") -> MergeConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError("config: expected a YAML mapping at the top level")
+    for key in raw:
+        if key in REFUSED_TOP:
+            raise ConfigError(f"config key {key!r} is not supported by ferrox yet")
+        if key not in TOP_KEYS:
+            raise ConfigError(f"unknown config key {key!r} (known: {sorted(TOP_KEYS)})")
+    if "merge_method" not in raw:
+        raise ConfigError("config: merge_method is required")
+    method = get_method(raw["merge_method"])
+    glob = _params("parameters", raw.get("parameters"), GLOBAL_PARAMS | PER_MODEL | set(ALIASES))
+    base = raw.get("base_model")
+    if method.needs_base and not base:
+        raise ConfigError(f"config: merge_method {method.name!r} needs base_model")
+    base = _local_path("base_model", base, config_dir) if base else None
+    entries = raw.get("models")
+    if not isinstance(entries, list) or not entries:
+        raise ConfigError("config: models must be a non-empty list")
+    models = []
+    for i, e in enumerate(entries):
+        where = f"models[{i}]"
+        if not isinstance(e, dict) or "model" not in e:
+            raise ConfigError(f"{where}: expected a mapping with a 'model' key")
+        for key in e:
+            if key not in MODEL_KEYS:
+                raise ConfigError(f"{where}: key {key!r} is not supported by ferrox yet")
+        path = _local_path(f"{where}.model", e["model"], config_dir)
+        params = {k: v for k, v in glob.items() if k in PER_MODEL}
+        params.update(_params(where, e.get("parameters"), PER_MODEL))
+        if method.needs_base and base and os.path.samefile(path, base):
+            continue  # mergekit lets the base appear among the models; it carries no delta
+        if "weight" not in params:
+            raise ConfigError(f"{where}: parameter 'weight' is required for {method.name}")
+        try:
+            params["weight"] = float(params["weight"])
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: weight must be a number, got {params['weight']!r}") from None
+        for key in ("density", "gamma"):
+            if key in params:
+                params[key] = _fraction(where, key, params[key])
+        models.append(ModelEntry(path, params))
+    if not models:
+        raise ConfigError("config: no models besides the base model")
+    dtype, out_dtype = raw.get("dtype"), raw.get("out_dtype")
+    for key, value in (("dtype", dtype), ("out_dtype", out_dtype)):
+        if value is not None and value not in DTYPES:
+            raise ConfigError(f"config: {key} must be one of {sorted(DTYPES)}, got {value!r}")
+    granularity = glob.get("granularity", "tensor")
+    if granularity not in ("tensor", "row"):
+        raise ConfigError(f"parameters: granularity must be 'tensor' or 'row', got {granularity!r}")
+    return MergeConfig(
+        method=method, base=base, models=models,
+        normalize=bool(glob.get("normalize", method.normalize)),
+        rescale=bool(glob.get("rescale", method.rescale)),
+        lam=float(glob.get("lambda", 1.0)),
+        granularity=granularity, seed=int(glob.get("seed", 0)),
+        dtype=dtype, out_dtype=out_dtype, source=raw,
+    )
+
+
+def load_config(path) -> MergeConfig:
+    path = os.fspath(path)
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    return parse_config(raw, os.path.dirname(os.path.abspath(path)))
