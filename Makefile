@@ -33,6 +33,7 @@ build: $(EXT)
 demo: build
 	$(VENV)/bin/ferrox doctor --allow-missing-cuda
 	$(VENV)/bin/ferrox inspect
+	$(PY) -m ferrox.demo
 
 test-rust: $(DEPS)
 	LD_LIBRARY_PATH=$(NVRTC_DIR):$$LD_LIBRARY_PATH cargo test --release -p ferrox-core

@@ -6,12 +6,13 @@ temporaries, exact thresholds by selection, Philox DARE masks);
 ``METHODS`` is the one registry of merge methods.
 """
 
-from .checkpoints import MergeError, MergeReport, merge_checkpoints
+from .checkpoints import MergeError, MergeReport, load_state_dict, merge_checkpoints
 from .config import ConfigError, MergeConfig, load_config, parse_config
 from .methods import METHODS, MergeMethod, get_method
+from .task_vector import TaskVector
 from .tensor import merge_tensors, rng_stream
 
 __all__ = [
-    "METHODS", "ConfigError", "MergeConfig", "MergeError", "MergeMethod", "MergeReport",
-    "get_method", "load_config", "merge_checkpoints", "merge_tensors", "parse_config", "rng_stream",
+    "METHODS", "TaskVector", "ConfigError", "MergeConfig", "MergeError", "MergeMethod", "MergeReport",
+    "get_method", "load_config", "load_state_dict", "merge_checkpoints", "merge_tensors", "parse_config", "rng_stream",
 ]

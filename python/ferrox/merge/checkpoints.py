@@ -41,6 +41,15 @@ class MergeReport:
     density: Dict[str, float]  # per merged tensor: fraction of elements that changed
 
 
+def load_state_dict(path) -> Dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint (file or HF folder) in memory."""
+    inp = _Inputs(os.fspath(path))
+    try:
+        return {t.name: inp.load(t) for t in inp.info.tensors}
+    finally:
+        inp.close()
+
+
 class _Inputs:
     """Open safetensors handles of every input, by tensor name."""
 
