@@ -4,7 +4,8 @@
 
 Each ``benches/bench_NAME.py`` defines ``NAME``, ``CASES``, ``setup(case,
 quick)``, ``SIDES`` (name -> callable(inputs); the first is ferrox),
-``MAIN_COMPARATOR`` and optionally ``SLOW_SIDES`` and ``check(results)``.
+``MAIN_COMPARATOR`` and optionally ``SLOW_SIDES``, ``REPEATS``, ``WARMUP``
+and ``check(results)``.
 Timings share this process (one warm-up, then the median of repeats). Peak
 memory cannot be split inside one process, so each side also runs once in a
 fresh child process that resets the kernel's high-water mark after setup
@@ -84,14 +85,14 @@ def measure_memory(name, case, side, quick):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def time_side(fn, inputs, repeats):
-    result = fn(inputs)  # warm-up, and the value for check()
+def time_side(fn, inputs, repeats, warmup=True):
+    result = fn(inputs) if warmup else None  # warm-up, and the value for check()
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
-        fn(inputs)
+        value = fn(inputs)
         times.append(time.perf_counter() - t)
-    return result, times
+    return (result if warmup else value), times
 
 
 def machine():
@@ -122,8 +123,8 @@ def run_bench(name, args):
         inputs = mod.setup(case, args.quick)
         results, timing = {}, {}
         for side in sides:
-            reps = 1 if side in slow else args.repeats
-            results[side], timing[side] = time_side(mod.SIDES[side], inputs, reps)
+            reps = 1 if side in slow else getattr(mod, "REPEATS", args.repeats)
+            results[side], timing[side] = time_side(mod.SIDES[side], inputs, reps, getattr(mod, "WARMUP", True))
         if hasattr(mod, "check"):
             mod.check(results)
         del inputs

@@ -237,7 +237,12 @@ fn validate<T: Float>(base: &[T], terms: &[Term<'_, T>], p: &Params, out: &[T]) 
         let inputs = std::iter::once(("base".to_string(), base))
             .chain(terms.iter().enumerate().map(|(m, t)| (format!("models[{m}]"), t.values)));
         for (name, xs) in inputs {
-            if let Some(i) = xs.par_iter().position_first(|v| !v.to_f32().is_finite()) {
+            let first_bad = xs
+                .par_chunks(TIE_CHUNK)
+                .enumerate()
+                .filter_map(|(c, chunk)| chunk.iter().position(|v| !v.to_f32().is_finite()).map(|j| c * TIE_CHUNK + j))
+                .min();
+            if let Some(i) = first_bad {
                 return Err(Error::Value(format!(
                     "{name}: non-finite value {} at flat index {i}",
                     xs[i].to_f32()
