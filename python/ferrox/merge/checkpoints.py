@@ -12,7 +12,6 @@ from typing import Dict, List, Optional
 
 import torch
 import yaml
-from safetensors import safe_open
 
 from .. import checkpoint as ckpt
 from .config import MergeConfig
@@ -56,22 +55,17 @@ class _Inputs:
     def __init__(self, path: str):
         self.info = ckpt.read_checkpoint(path)
         self.path = path
-        self._handles = {}
+        self.by_name = {t.name: t for t in self.info.tensors}
+        self.reader = ckpt.TensorReader()
 
     def entry(self, name):
-        for t in self.info.tensors:
-            if t.name == name:
-                return t
-        return None
+        return self.by_name.get(name)
 
     def load(self, entry) -> torch.Tensor:
-        f = self._handles.get(entry.file)
-        if f is None:
-            f = self._handles[entry.file] = safe_open(entry.file, "pt")
-        return f.get_tensor(entry.name)
+        return self.reader.read(entry)
 
     def close(self):
-        self._handles.clear()
+        self.reader.close()
 
 
 def _plan(cfg: MergeConfig, inputs: List[_Inputs]):
@@ -79,7 +73,7 @@ def _plan(cfg: MergeConfig, inputs: List[_Inputs]):
     has each tensor with the same shape and dtype."""
     ref = inputs[0]
     planned = []
-    by_name = [{t.name: t for t in i.info.tensors} for i in inputs]
+    by_name = [i.by_name for i in inputs]
     for t in ref.info.tensors:
         for inp, names in zip(inputs[1:], by_name[1:]):
             other = names.get(t.name)
@@ -213,7 +207,7 @@ def merge_checkpoints(cfg: MergeConfig, out: str, *, force: bool = False, max_sh
                     msg = str(e).replace("models[", "model[")
                     raise MergeError(f"tensor {p.name!r}: {msg} (inputs: {', '.join(paths)})") from None
                 ref = base if base is not None else models[0]
-                density[p.name] = float((result != ref).float().mean()) if ref.numel() else 0.0
+                density[p.name] = int(torch.count_nonzero(result != ref)) / max(1, ref.numel())
                 writer.write(p.name, result.to(TORCH_DTYPES[p.dtype]))
                 merged += 1
         finally:

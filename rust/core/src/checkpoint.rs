@@ -127,7 +127,9 @@ pub fn read_header(path: &Path) -> Result<SafetensorsFile> {
     let mut tensors = Vec::with_capacity(obj.len());
     for (name, v) in obj {
         if name == "__metadata__" {
-            for (k, mv) in v.as_object().into_iter().flatten() {
+            // Metadata is free-form, but a non-object means a broken writer.
+            let meta = v.as_object().ok_or_else(|| bad(path, "__metadata__ is not a JSON object"))?;
+            for (k, mv) in meta {
                 metadata.insert(k.clone(), mv.as_str().map(str::to_string).unwrap_or_else(|| mv.to_string()));
             }
             continue;
@@ -250,7 +252,7 @@ impl Checkpoint {
 /// Reads `buf.len()` bytes of a tensor starting `byte_offset` bytes into it.
 pub fn read_tensor_bytes(info: &TensorInfo, byte_offset: u64, buf: &mut [u8]) -> Result<()> {
     let end = byte_offset.checked_add(buf.len() as u64);
-    if end.map_or(true, |e| e > info.nbytes) {
+    if end.is_none_or(|e| e > info.nbytes) {
         return Err(Error::Value(format!(
             "{}: read of {} bytes at {byte_offset} exceeds tensor {:?} ({} bytes)",
             info.file.display(),
@@ -277,7 +279,7 @@ mod tests {
 
     fn write(path: &Path, header: &str, data: &[u8]) {
         let mut h = header.as_bytes().to_vec();
-        while h.len() % 8 != 0 {
+        while !h.len().is_multiple_of(8) {
             h.push(b' ');
         }
         let mut f = File::create(path).unwrap();
@@ -326,13 +328,47 @@ mod tests {
                 other => panic!("{header}: {other:?}"),
             }
         }
+        write(&p, r#"{"__metadata__":[1]}"#, &[]);
+        assert!(matches!(read_header(&p), Err(Error::Format(m)) if m.contains("__metadata__")));
+        // Too short for the length prefix, and a length beyond the file.
         std::fs::write(&p, [1u8, 2, 3]).unwrap();
-        assert!(matches!(read_header(&p), Err(Error::Format(_))));
-        std::fs::write(&p, (1u64 << 40).to_le_bytes()).unwrap();
-        assert!(matches!(read_header(&p), Err(Error::Format(_))));
+        assert!(matches!(read_header(&p), Err(Error::Format(m)) if m.contains("x.safetensors")));
+        let mut huge = (1u64 << 40).to_le_bytes().to_vec();
+        huge.extend_from_slice(b"{}");
+        std::fs::write(&p, huge).unwrap();
+        assert!(matches!(read_header(&p), Err(Error::Format(m)) if m.contains("x.safetensors")));
+        // A header length that fits the file but leaves the JSON cut short.
+        let mut cut = 20u64.to_le_bytes().to_vec();
+        cut.extend_from_slice(br#"{"w":{"dtype":"F32","#);
+        std::fs::write(&p, &cut[..28]).unwrap();
+        assert!(matches!(read_header(&p), Err(Error::Format(m)) if m.contains("x.safetensors")));
         assert!(matches!(Checkpoint::open(&d.join("missing")), Err(Error::Io { .. })));
         let empty = temp_dir("empty");
         assert!(matches!(Checkpoint::open(&empty), Err(Error::Format(m)) if m.contains("no safetensors")));
+    }
+
+    #[test]
+    fn folder_resolution_order() {
+        let d = temp_dir("order");
+        let h = r#"{"w":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}"#;
+        write(&d.join("b.safetensors"), h, &[0]);
+        write(&d.join("a.safetensors"), r#"{"v":{"dtype":"I8","shape":[],"data_offsets":[0,1]}}"#, &[0]);
+        // Without model.safetensors: every file, sorted by name.
+        let ck = Checkpoint::open(&d).unwrap();
+        let names: Vec<_> = ck.files.iter().map(|f| f.path.file_name().unwrap().to_owned()).collect();
+        assert_eq!(names, ["a.safetensors", "b.safetensors"]);
+        assert_eq!(ck.get("v").unwrap().numel(), 1);
+        // model.safetensors wins over the other files.
+        write(&d.join("model.safetensors"), h, &[7]);
+        let ck = Checkpoint::open(&d).unwrap();
+        assert_eq!(ck.files.len(), 1);
+        assert!(ck.index.is_none());
+        // Opening the file directly gives the same tensors.
+        let direct = Checkpoint::open(&d.join("model.safetensors")).unwrap();
+        assert_eq!(direct.tensors().map(|t| &t.name).collect::<Vec<_>>(), ["w"]);
+        let mut b = [0u8];
+        read_tensor_bytes(direct.get("w").unwrap(), 0, &mut b).unwrap();
+        assert_eq!(b, [7]);
     }
 
     #[test]

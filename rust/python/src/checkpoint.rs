@@ -10,7 +10,7 @@ use pyo3::types::{PyDict, PyList};
 use crate::runtime::compute;
 
 /// {"root", "index", "files": [{"path", "metadata"}], "tensors": [{"name",
-/// "dtype", "shape", "file", "nbytes"}]} in file and offset order.
+/// "dtype", "shape", "file", "nbytes", "data_start"}]} in file and offset order.
 #[pyfunction]
 pub fn read_checkpoint<'py>(py: Python<'py>, path: PathBuf) -> PyResult<Bound<'py, PyDict>> {
     let ckpt = compute(py, move || Checkpoint::open(&path))?;
@@ -31,6 +31,7 @@ pub fn read_checkpoint<'py>(py: Python<'py>, path: PathBuf) -> PyResult<Bound<'p
             d.set_item("shape", t.shape.clone())?;
             d.set_item("file", &t.file)?;
             d.set_item("nbytes", t.nbytes)?;
+            d.set_item("data_start", t.data_start)?;
             tensors.append(d)?;
         }
     }
