@@ -1,6 +1,6 @@
 """Side-by-side benchmarks: ferrox against its comparators, in one run.
 
-    python benches/run.py [NAME ...] [--quick] [--skip-slow] [--repeats N]
+    python benches/run.py [NAME ...] [--quick] [--skip-slow] [--repeats N] [--results DIR]
 
 Each ``benches/bench_NAME.py`` defines ``NAME``, ``CASES``, ``setup(case,
 quick)``, ``SIDES`` (name -> callable(inputs); the first is ferrox),
@@ -152,10 +152,10 @@ def report(name, mod, rows, args):
                      f"{r['ferrox_speedup']:.2f}x | {r['peak_mb']:.1f} | {r['baseline_mb']:.0f} |")
     text = "\n".join(lines) + "\n"
     print(text)
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, f"{name}.md"), "w") as f:
+    os.makedirs(args.results, exist_ok=True)
+    with open(os.path.join(args.results, f"{name}.md"), "w") as f:
         f.write(text)
-    with open(os.path.join(RESULTS, f"{name}.json"), "w") as f:
+    with open(os.path.join(args.results, f"{name}.json"), "w") as f:
         json.dump({"bench": name, "quick": args.quick, "machine": machine(), "rows": rows}, f, indent=1)
 
 
@@ -165,6 +165,8 @@ def main():
     p.add_argument("--quick", action="store_true", help="small inputs, 2 repeats")
     p.add_argument("--skip-slow", action="store_true", help="skip sides marked slow")
     p.add_argument("--repeats", type=int, default=None)
+    # A trial run elsewhere keeps the committed results intact.
+    p.add_argument("--results", default=RESULTS, help="folder for NAME.md and NAME.json (default: benches/results)")
     p.add_argument("--child", nargs=3, metavar=("NAME", "CASE", "SIDE"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:

@@ -34,7 +34,7 @@ def test_counter_layout_matches_block_function():
 def test_uniform_is_bits_mapped_exactly():
     b = philox.bits((100_001,), seed=7, stream=3, offset=5).numpy().view(np.uint32)
     u = philox.uniform((100_001,), seed=7, stream=3, offset=5).numpy()
-    want = ((b >> 8).astype(np.float32) + np.float32(0.5)) * np.float32(2.0**-24)
+    want = ((b >> 9).astype(np.float32) + np.float32(0.5)) * np.float32(2.0**-23)
     assert np.array_equal(u, want)
     assert u.min() > 0 and u.max() < 1
 

@@ -4,7 +4,7 @@ Element ``e`` of stream ``(seed, stream)`` is lane ``e % 4`` of the block
 ``philox4x32_10(ctr=[e//4 low, e//4 high, stream low, stream high],
 key=[seed low, seed high])``. Values depend only on (seed, stream, element):
 never on thread count, chunking or device. Uniforms are
-``((bits >> 8) + 0.5) * 2**-24`` in (0, 1); normals use Box–Muller with
+``((bits >> 9) + 0.5) * 2**-23``, exact and strictly inside (0, 1); normals use Box–Muller with
 ferrox's own log and sincos, so CPU and CUDA give identical bits.
 """
 

@@ -137,12 +137,21 @@ pub fn read_header(path: &Path) -> Result<SafetensorsFile> {
         tensors.push(parse_entry(path, name, v, data_len, data_start)?);
     }
     tensors.sort_by_key(|t| (t.data_start, t.nbytes));
-    for pair in tensors.windows(2) {
-        if pair[0].data_start + pair[0].nbytes > pair[1].data_start {
-            return Err(bad(path, format!("tensors {:?} and {:?} overlap", pair[0].name, pair[1].name)));
-        }
-    }
+    check_no_overlap(path, &tensors)?;
     Ok(SafetensorsFile { path: path.to_path_buf(), header_len, metadata, tensors })
+}
+
+/// `tensors` sorted by start. Empty tensors hold no bytes, so they may sit
+/// anywhere; of the others, each must start at or after the previous end.
+fn check_no_overlap(path: &Path, tensors: &[TensorInfo]) -> Result<()> {
+    let mut prev: Option<&TensorInfo> = None;
+    for t in tensors.iter().filter(|t| t.nbytes > 0) {
+        if let Some(p) = prev.filter(|p| p.data_start + p.nbytes > t.data_start) {
+            return Err(bad(path, format!("tensors {:?} and {:?} overlap", p.name, t.name)));
+        }
+        prev = Some(t);
+    }
+    Ok(())
 }
 
 /// A model: one or more safetensors files, found the way HF lays them out.
@@ -160,6 +169,11 @@ impl Checkpoint {
     pub fn open(path: &Path) -> Result<Checkpoint> {
         let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
         if !meta.is_dir() {
+            // The index itself names a sharded folder.
+            if path.file_name().is_some_and(|n| n.to_string_lossy().ends_with(".index.json")) {
+                let root = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+                return Self::open_index(root, path);
+            }
             return Self::from_files(path, vec![read_header(path)?], None);
         }
         let index = path.join(INDEX_FILE);
@@ -328,6 +342,9 @@ mod tests {
                 other => panic!("{header}: {other:?}"),
             }
         }
+        // Empty tensors hold no bytes, so they overlap nothing.
+        write(&p, r#"{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"e":{"dtype":"F32","shape":[0],"data_offsets":[4,4]}}"#, &[0; 8]);
+        assert_eq!(read_header(&p).unwrap().tensors.len(), 2);
         write(&p, r#"{"__metadata__":[1]}"#, &[]);
         assert!(matches!(read_header(&p), Err(Error::Format(m)) if m.contains("__metadata__")));
         // Too short for the length prefix, and a length beyond the file.
@@ -380,6 +397,11 @@ mod tests {
         let ck = Checkpoint::open(&d).unwrap();
         assert_eq!(ck.files.len(), 2);
         assert_eq!(ck.total_bytes(), 6);
+        assert_eq!(ck.index.as_deref(), Some(d.join(INDEX_FILE).as_path()));
+        assert_eq!(ck.get("b").unwrap().file, d.join("s2.safetensors"));
+        // The index file itself opens the same checkpoint.
+        let via_index = Checkpoint::open(&d.join(INDEX_FILE)).unwrap();
+        assert_eq!(via_index.tensors().count(), 2);
         std::fs::write(d.join(INDEX_FILE), r#"{"weight_map":{"a":"s1.safetensors","c":"s2.safetensors"}}"#).unwrap();
         assert!(matches!(Checkpoint::open(&d), Err(Error::Format(m)) if m.contains("\"c\"")));
         std::fs::write(d.join(INDEX_FILE), r#"{"weight_map":{"a":"s3.safetensors"}}"#).unwrap();

@@ -2,13 +2,20 @@
 //!
 //! Tie rule (shared by every ferrox sparsifier): elements are ranked by |x|
 //! descending, rank 0 being the largest; among equal |x| the element with the
-//! LOWER index ranks first. -0.0 and +0.0 are equal. A NaN is an error.
+//! LOWER index ranks first (is kept first). -0.0 and +0.0 are equal. A NaN
+//! anywhere is an error naming its (first) index.
 //!
 //! |x| is compared through `Float::abs_key`, an integer with the same order,
-//! so a threshold is found by radix histograms: one pass of 2^15 bins for
-//! f16/bf16, two passes (high 15 bits, then low 16 bits) for f32. Memory is
-//! one histogram per thread; time is O(n). Rows (Breadcrumbs' per-row bands)
-//! use quickselect on an O(row) per-thread key buffer instead.
+//! so the top-`r` set is described by a [`RankCut`]: a key and how many of the
+//! elements equal to it (in index order) belong to the set.
+//!
+//! Whole slices find the cut by radix histograms: one pass of 2^15 bins for
+//! f16/bf16, two for f32 (the high 15 bits of the key, then the low 16 bits
+//! of the keys inside the chosen high bin). Memory is one histogram per
+//! worker, time O(n). Slices below `SMALL` elements and rows (Breadcrumbs'
+//! per-row bands) copy their keys into an O(row) buffer and quickselect.
+
+use std::ops::Range;
 
 use rayon::prelude::*;
 
@@ -19,8 +26,20 @@ use crate::Float;
 /// merge, small enough to balance 2..64 threads.
 const CHUNK: usize = 1 << 18;
 
-/// The top-`r` set of a slice: every element whose key is greater than `key`,
-/// plus the first `ties` elements (in index order) whose key equals `key`.
+/// The chunk size that `tie_offsets` counts in.
+pub const TIE_CHUNK: usize = CHUNK;
+
+/// Below this many keys, copying them and quickselecting beats zeroing and
+/// merging per-worker radix histograms.
+const SMALL: usize = 1 << 15;
+
+/// Bins of the first radix pass: a whole 15-bit key, or f32's key >> 16.
+const HIGH_BINS: usize = 1 << 15;
+/// Bins of f32's second radix pass: the low 16 bits of the key.
+const LOW_BINS: usize = 1 << 16;
+
+/// The cut that defines the top-`r` set of a slice: every element with key >
+/// `key`, plus the first `ties` elements (in index order) whose key == `key`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RankCut {
     pub key: u32,
@@ -28,13 +47,13 @@ pub struct RankCut {
 }
 
 impl RankCut {
-    /// Selects nothing (no key exceeds or equals u32::MAX: NaN keys are refused).
+    /// Selects nothing: no key exceeds u32::MAX, and no tie is taken.
     pub fn empty() -> Self {
         RankCut { key: u32::MAX, ties: 0 }
     }
 }
 
-/// Walks the top-`r` membership of consecutive elements with the same cut.
+/// Decides top-`r` membership of consecutive elements under one cut.
 #[derive(Clone, Copy)]
 pub struct CutWalker {
     cut: RankCut,
@@ -42,27 +61,26 @@ pub struct CutWalker {
 }
 
 impl CutWalker {
-    /// `seen`: how many elements equal to the cut key came before this point.
+    /// `seen`: how many elements with the cut key come before this point.
     pub fn new(cut: RankCut, seen: usize) -> Self {
         CutWalker { cut, seen }
     }
 
+    /// Membership of the next element. Must see every element in order, so
+    /// that `seen` is the tie ordinal of each key equal to the cut.
     #[inline(always)]
     pub fn take(&mut self, key: u32) -> bool {
-        if key > self.cut.key {
-            true
-        } else if key == self.cut.key {
-            self.seen += 1;
-            self.seen <= self.cut.ties
-        } else {
-            false
-        }
+        let tie = key == self.cut.key;
+        // Bitwise, not short-circuit: bands are often unpredictable per element.
+        let taken = (key > self.cut.key) | (tie & (self.seen < self.cut.ties));
+        self.seen += tie as usize;
+        taken
     }
 }
 
-fn nan_at(i: usize) -> Error {
-    Error::Value(format!("x contains NaN at index {i}"))
-}
+/// Keys handed over at once by `Keys::for_each_block`: a stack buffer small
+/// enough for L1, long enough for vectorised scans over it.
+const BLOCK: usize = 512;
 
 /// Anything that yields |x| keys by index: a slice of floats, or values
 /// computed on the fly (a task vector's delta), so selection never needs the
@@ -74,6 +92,20 @@ pub trait Keys: Sync {
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
+    /// Hands the keys of `range` to `f` in index order, in blocks of `BLOCK`
+    /// (the last may be shorter); stops with `Err(i)` at a NaN at index i.
+    /// Slices override it with a bounds-check-free, vectorisable fill.
+    fn for_each_block(&self, range: Range<usize>, mut f: impl FnMut(&[u32])) -> std::result::Result<(), usize> {
+        let mut buf = [0u32; BLOCK];
+        for start in range.clone().step_by(BLOCK) {
+            let keys = &mut buf[..BLOCK.min(range.end - start)];
+            for (i, k) in (start..).zip(keys.iter_mut()) {
+                *k = self.key(i).ok_or(i)?;
+            }
+            f(keys);
+        }
+        Ok(())
+    }
 }
 
 impl<T: Float> Keys for [T] {
@@ -84,53 +116,188 @@ impl<T: Float> Keys for [T] {
     fn key(&self, i: usize) -> Option<u32> {
         self[i].abs_key()
     }
+    fn for_each_block(&self, range: Range<usize>, mut f: impl FnMut(&[u32])) -> std::result::Result<(), usize> {
+        let mut buf = [0u32; BLOCK];
+        for (start, xs) in range.clone().step_by(BLOCK).zip(self[range].chunks(BLOCK)) {
+            let keys = &mut buf[..xs.len()];
+            // No early exit inside the block, so the fill vectorises.
+            let mut nan = false;
+            for (k, v) in keys.iter_mut().zip(xs) {
+                let key = v.abs_key();
+                nan |= key.is_none();
+                *k = key.unwrap_or(0);
+            }
+            if nan {
+                return Err(start + xs.iter().position(|v| v.abs_key().is_none()).unwrap_or(0));
+            }
+            f(keys);
+        }
+        Ok(())
+    }
 }
 
-fn chunks(n: usize) -> impl IndexedParallelIterator<Item = std::ops::Range<usize>> {
+fn nan_at(i: usize) -> Error {
+    Error::Value(format!("x contains NaN at index {i}"))
+}
+
+/// The error for a NaN found somewhere by a parallel pass: rescans for the
+/// first one so the message does not depend on scheduling.
+fn first_nan<K: Keys + ?Sized>(x: &K) -> Error {
+    let i = (0..x.len()).into_par_iter().position_first(|i| x.key(i).is_none());
+    nan_at(i.unwrap_or(0))
+}
+
+fn check_rank(name: &str, r: usize, lo: usize, hi: usize) -> Result<()> {
+    if (lo..=hi).contains(&r) {
+        Ok(())
+    } else {
+        Err(Error::Value(format!("{name}: expected {lo} <= {name} <= {hi}, got {r}")))
+    }
+}
+
+fn check_band(lo: usize, hi: usize, row_len: usize) -> Result<()> {
+    if hi > row_len {
+        return Err(Error::Value(format!(
+            "hi: expected 0 <= hi <= {row_len} (the row length), got {hi}"
+        )));
+    }
+    check_rank("lo", lo, 0, hi)
+}
+
+fn par_ranges(n: usize) -> impl IndexedParallelIterator<Item = Range<usize>> {
     (0..n.div_ceil(CHUNK)).into_par_iter().map(move |c| c * CHUNK..((c + 1) * CHUNK).min(n))
 }
 
-/// Histogram of `(key >> shift) & (bins-1)` over the keys whose `key >> 16`
-/// equals `high` (when given). The first pass also refuses NaN.
-fn histogram<K: Keys + ?Sized>(x: &K, shift: u32, bins: usize, high: Option<u32>) -> Result<Vec<u64>> {
-    let mask = (bins - 1) as u32;
-    chunks(x.len())
-        .try_fold(
-            || vec![0u64; bins],
-            |mut h, range| {
-                for i in range {
-                    let key = x.key(i).ok_or_else(|| nan_at(i))?;
-                    if high.map_or(true, |hb| key >> 16 == hb) {
-                        h[((key >> shift) & mask) as usize] += 1;
-                    }
-                }
-                Ok(h)
-            },
-        )
-        .try_reduce(
-            || vec![0u64; bins],
-            |mut a, b| {
-                a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
-                Ok(a)
-            },
-        )
+/// A cut plus the number of keys equal to its key, which says whether the
+/// tie ordinals matter at all.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Cut {
+    cut: RankCut,
+    equal: usize,
 }
 
-/// The bin holding the `r`-th largest element (r >= 1) and how many counted
-/// elements lie in higher bins.
-fn descend(hist: &[u64], r: u64) -> (u32, u64) {
-    let mut above = 0u64;
+impl Cut {
+    const EMPTY: Cut = Cut { cut: RankCut { key: u32::MAX, ties: 0 }, equal: 0 };
+
+    /// Some but not all elements equal to the cut key are taken, so each
+    /// one's membership depends on how many came before it.
+    fn partial(&self) -> bool {
+        self.cut.ties > 0 && self.cut.ties < self.equal
+    }
+}
+
+/// Cuts for several ranks at once (each 0 <= r <= n), sharing the passes.
+fn cuts<K: Keys + ?Sized, const M: usize>(x: &K, rs: [usize; M], key_bits: u32) -> Result<[Cut; M]> {
+    if x.len() < SMALL {
+        small_cuts(x, rs)
+    } else {
+        radix_cuts(x, rs, key_bits)
+    }
+}
+
+fn small_cuts<K: Keys + ?Sized, const M: usize>(x: &K, rs: [usize; M]) -> Result<[Cut; M]> {
+    let mut keys = Vec::with_capacity(x.len());
+    x.for_each_block(0..x.len(), |ks| keys.extend_from_slice(ks)).map_err(nan_at)?;
+    Ok(rs.map(|r| {
+        let cut = row_cut(&mut keys, r);
+        let equal = keys.iter().filter(|&&k| k == cut.key).count();
+        Cut { cut, equal }
+    }))
+}
+
+fn zeroed<const B: usize>() -> Box<[u64; B]> {
+    vec![0u64; B].into_boxed_slice().try_into().expect("length is B")
+}
+
+fn add<const B: usize>(mut a: Box<[u64; B]>, b: Box<[u64; B]>) -> Box<[u64; B]> {
+    a.iter_mut().zip(b.iter()).for_each(|(a, b)| *a += b);
+    a
+}
+
+/// Counts of `(key >> shift) & (HIGH_BINS - 1)`; refuses NaN. The mask keeps
+/// the hot loop free of bounds checks (keys fit: 15 bits, or 31 >> 16).
+fn high_histogram<K: Keys + ?Sized>(x: &K, shift: u32) -> Result<Box<[u64; HIGH_BINS]>> {
+    par_ranges(x.len())
+        .try_fold(zeroed, |mut h, range| {
+            x.for_each_block(range, |keys| {
+                for &k in keys {
+                    h[(k >> shift) as usize & (HIGH_BINS - 1)] += 1;
+                }
+            })?;
+            Ok(h)
+        })
+        .try_reduce(zeroed, |a, b| Ok(add(a, b)))
+        .map_err(|_: usize| first_nan(x))
+}
+
+/// For each `highs[m]`, counts of the low 16 bits of the keys whose high half
+/// equals it. Runs after `high_histogram` refused NaN.
+fn low_histograms<K: Keys + ?Sized, const M: usize>(x: &K, highs: [u32; M]) -> [Box<[u64; LOW_BINS]>; M] {
+    let fresh = || std::array::from_fn(|_| zeroed());
+    par_ranges(x.len())
+        .fold(fresh, |mut hs: [Box<[u64; LOW_BINS]>; M], range| {
+            // No NaN is left to stop at (the first pass checked every key).
+            let _ = x.for_each_block(range, |keys| {
+                for (h, &high) in hs.iter_mut().zip(&highs) {
+                    // Most blocks hold no key of the chosen high bin; a
+                    // vectorised test skips them.
+                    if keys.iter().fold(false, |any, &k| any | (k >> 16 == high)) {
+                        for &k in keys.iter().filter(|&&k| k >> 16 == high) {
+                            h[k as usize & (LOW_BINS - 1)] += 1;
+                        }
+                    }
+                }
+            });
+            hs
+        })
+        .reduce(fresh, |a, b| {
+            let mut b = b.into_iter();
+            a.map(|a| add(a, b.next().expect("M histograms")))
+        })
+}
+
+/// The bin holding the `r`-th largest counted key (1 <= r <= total count)
+/// and how many keys lie in higher bins.
+fn descend(hist: &[u64], r: usize) -> (usize, usize) {
+    let mut above = 0;
     for (bin, &c) in hist.iter().enumerate().rev() {
+        let c = c as usize;
         if above + c >= r {
-            return (bin as u32, above);
+            return (bin, above);
         }
         above += c;
     }
-    // Unreachable when r <= total; fall back to the smallest bin.
-    (0, above)
+    unreachable!("rank {r} exceeds the {above} counted keys")
 }
 
-/// The cut of the top-`r` set by |x| (0 <= r <= n).
+fn radix_cuts<K: Keys + ?Sized, const M: usize>(x: &K, rs: [usize; M], key_bits: u32) -> Result<[Cut; M]> {
+    if key_bits <= 15 {
+        let h = high_histogram(x, 0)?;
+        return Ok(rs.map(|r| match r {
+            0 => Cut::EMPTY,
+            _ => {
+                let (bin, above) = descend(&h[..], r);
+                Cut { cut: RankCut { key: bin as u32, ties: r - above }, equal: h[bin] as usize }
+            }
+        }));
+    }
+    let high = high_histogram(x, 16)?;
+    let coarse = rs.map(|r| (r > 0).then(|| descend(&high[..], r)));
+    // u32::MAX matches no key's high half, so r = 0 counts nothing.
+    let lows = low_histograms(x, coarse.map(|c| c.map_or(u32::MAX, |(bin, _)| bin as u32)));
+    let mut out = [Cut::EMPTY; M];
+    for m in 0..M {
+        if let Some((hbin, above_high)) = coarse[m] {
+            let (lbin, above_low) = descend(&lows[m][..], rs[m] - above_high);
+            let key = (hbin as u32) << 16 | lbin as u32;
+            let ties = rs[m] - above_high - above_low;
+            out[m] = Cut { cut: RankCut { key, ties }, equal: lows[m][lbin] as usize };
+        }
+    }
+    Ok(out)
+}
+
+/// The cut of the top-`r` set by |x| (0 <= r <= n; r = 0 gives `RankCut::empty()`).
 pub fn top_cut<T: Float>(x: &[T], r: usize) -> Result<RankCut> {
     top_cut_keys(x, r, T::KEY_BITS)
 }
@@ -138,136 +305,125 @@ pub fn top_cut<T: Float>(x: &[T], r: usize) -> Result<RankCut> {
 /// `top_cut` over any key source whose keys have `key_bits` significant bits
 /// (15 for f16/bf16: one histogram pass; 31 for f32: two).
 pub fn top_cut_keys<K: Keys + ?Sized>(x: &K, r: usize, key_bits: u32) -> Result<RankCut> {
-    top_cut_bits(x, r, key_bits)
+    check_rank("r", r, 0, x.len())?;
+    Ok(cuts(x, [r], key_bits)?[0].cut)
 }
 
-fn top_cut_bits<K: Keys + ?Sized>(x: &K, r: usize, key_bits: u32) -> Result<RankCut> {
-    if r > x.len() {
-        return Err(Error::Value(format!("r: expected 0 <= r <= {}, got {r}", x.len())));
-    }
-    if r == 0 {
-        // Still refuse NaN so that results never depend on r.
-        histogram(x, 0, 2, None)?;
-        return Ok(RankCut::empty());
-    }
-    let (key, above) = if key_bits <= 16 {
-        let h = histogram(x, 0, 1 << key_bits, None)?;
-        let (bin, above) = descend(&h, r as u64);
-        (bin, above)
-    } else {
-        let hi = histogram(x, 16, 1 << 15, None)?;
-        let (hbin, above_hi) = descend(&hi, r as u64);
-        let lo = histogram(x, 0, 1 << 16, Some(hbin))?;
-        let (lbin, above_lo) = descend(&lo, r as u64 - above_hi);
-        ((hbin << 16) | lbin, above_hi + above_lo)
-    };
-    Ok(RankCut { key, ties: r - above as usize })
-}
-
-/// |x| of the k-th largest element by magnitude (k is 1-based).
+/// |x| of the k-th largest element by magnitude (k is 1-based, 1 <= k <= n),
+/// as a non-negative value of the same type.
 pub fn kth_largest_abs<T: Float>(x: &[T], k: usize) -> Result<T> {
-    if k == 0 || k > x.len() {
-        return Err(Error::Value(format!("k: expected 1 <= k <= {}, got {k}", x.len())));
-    }
+    check_rank("k", k, 1, x.len())?;
     Ok(T::from_abs_key(top_cut(x, k)?.key))
 }
 
-fn check_band(lo: usize, hi: usize, len: usize) -> Result<()> {
-    if lo > hi || hi > len {
-        return Err(Error::Value(format!(
-            "band [lo, hi) = [{lo}, {hi}): expected 0 <= lo <= hi <= {len} (the row length)"
-        )));
-    }
-    Ok(())
-}
-
-/// How many keys equal `cut.key` come before each chunk: the tie ordinal
-/// each chunk starts at (all zeros when no partial tie needs counting).
+/// How many keys equal `cut.key` come before each `TIE_CHUNK` chunk: the tie
+/// ordinal each chunk's `CutWalker` starts at (all zeros when no tie is taken).
 pub fn tie_offsets<K: Keys + ?Sized>(x: &K, cut: RankCut) -> Vec<usize> {
-    let n_chunks = x.len().div_ceil(CHUNK);
     if cut.ties == 0 {
-        return vec![0; n_chunks];
+        return vec![0; x.len().div_ceil(CHUNK)];
     }
-    let counts: Vec<usize> = chunks(x.len())
-        .map(|range| range.filter(|&i| x.key(i) == Some(cut.key)).count())
+    let counts: Vec<usize> = par_ranges(x.len())
+        .map(|range| {
+            let mut c = 0;
+            // NaN was refused when the cut was found.
+            let _ = x.for_each_block(range, |keys| c += keys.iter().filter(|&&k| k == cut.key).count());
+            c
+        })
         .collect();
     counts
         .iter()
-        .scan(0usize, |acc, &c| {
-            let start = *acc;
-            *acc += c;
+        .scan(0, |before, &c| {
+            let start = *before;
+            *before += c;
             Some(start)
         })
         .collect()
 }
 
-/// The chunk size that `tie_offsets` counts in.
-pub const TIE_CHUNK: usize = CHUNK;
+/// Chunk starting ordinals for `cut`, skipping the count when every chunk may
+/// start at 0 (no tie, or every tie taken).
+fn chunk_starts<K: Keys + ?Sized>(x: &K, cut: Cut) -> Vec<usize> {
+    if cut.partial() {
+        tie_offsets(x, cut.cut)
+    } else {
+        vec![0; x.len().div_ceil(CHUNK)]
+    }
+}
 
-/// out[i] = 1 iff rank(x[i]) is in [lo, hi) over the whole slice.
+/// out[i] = 1 iff rank(i) is in [lo, hi) over the whole slice, else 0.
 pub fn band_mask<T: Float>(x: &[T], lo: usize, hi: usize, out: &mut [u8]) -> Result<()> {
     check_len("out", x.len(), out.len())?;
     check_band(lo, hi, x.len())?;
-    let cut_hi = top_cut(x, hi)?;
-    let cut_lo = top_cut(x, lo)?;
-    let start_hi = tie_offsets(x, cut_hi);
-    let start_lo = tie_offsets(x, cut_lo);
+    let [cut_lo, cut_hi] = cuts(x, [lo, hi], T::KEY_BITS)?;
+    let (start_lo, start_hi) = (chunk_starts(x, cut_lo), chunk_starts(x, cut_hi));
     out.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK))
         .enumerate()
-        .for_each(|(ci, (o, c))| {
-            let mut in_hi = CutWalker::new(cut_hi, start_hi[ci]);
-            let mut in_lo = CutWalker::new(cut_lo, start_lo[ci]);
-            for (m, v) in o.iter_mut().zip(c) {
-                // NaN was refused by top_cut, so every key exists.
-                let key = v.abs_key().unwrap_or(0);
-                *m = (in_hi.take(key) && !in_lo.take(key)) as u8;
-            }
+        .for_each(|(c, (o, xs))| {
+            let mut top_hi = CutWalker::new(cut_hi.cut, start_hi[c]);
+            let mut top_lo = CutWalker::new(cut_lo.cut, start_lo[c]);
+            write_band(xs, &mut top_lo, &mut top_hi, o);
         });
     Ok(())
 }
 
-/// The cut of the top-`r` set of one row, from its keys (reordered in place).
+/// out[i] = in top-hi and not in top-lo; both walkers see every element.
+fn write_band<T: Float>(xs: &[T], top_lo: &mut CutWalker, top_hi: &mut CutWalker, out: &mut [u8]) {
+    for (o, v) in out.iter_mut().zip(xs) {
+        // NaN was refused when the cuts were found.
+        let key = v.abs_key().unwrap_or(0);
+        *o = (top_hi.take(key) & !top_lo.take(key)) as u8;
+    }
+}
+
+/// The cut of the top-`r` set of one row from its keys (reordered in place;
+/// 0 <= r <= keys.len()).
 pub fn row_cut(keys: &mut [u32], r: usize) -> RankCut {
     if r == 0 {
         return RankCut::empty();
     }
     let n = keys.len();
-    let (_, &mut key, _) = keys.select_nth_unstable(n - r);
-    let above = keys.iter().filter(|&&k| k > key).count();
-    RankCut { key, ties: r - above }
+    let (_, &mut key, above) = keys.select_nth_unstable(n - r);
+    let greater = above.iter().filter(|&&k| k > key).count();
+    RankCut { key, ties: r - greater }
 }
 
-/// Per-row band masks: each row of `row_len` elements is ranked on its own.
+/// Cuts for ranks lo <= hi of one row. After the top-`hi` cut, the top-`hi`
+/// keys sit in the tail, and every key > the lo-th largest is among them, so
+/// the second quickselect only looks there.
+fn row_band_cuts(keys: &mut [u32], lo: usize, hi: usize) -> (RankCut, RankCut) {
+    let n = keys.len();
+    let cut_hi = row_cut(keys, hi);
+    (row_cut(&mut keys[n - hi..], lo), cut_hi)
+}
+
+/// Per-row band masks: `x` is rows of `row_len` elements, each ranked on its
+/// own; out[i] = 1 iff the rank of x[i] within its row is in [lo, hi).
 pub fn band_mask_rows<T: Float>(x: &[T], row_len: usize, lo: usize, hi: usize, out: &mut [u8]) -> Result<()> {
     check_len("out", x.len(), out.len())?;
     if row_len == 0 || x.len() % row_len != 0 {
         return Err(Error::Shape(format!(
-            "row_len: {row_len} does not divide the {} elements of x",
+            "row_len: expected a positive divisor of the {} elements of x, got {row_len}",
             x.len()
         )));
     }
     check_band(lo, hi, row_len)?;
+    // Keep tiny rows from becoming one task each.
+    let rows_per_task = (4096 / row_len).max(1);
     out.par_chunks_mut(row_len)
         .zip(x.par_chunks(row_len))
-        .enumerate()
+        .with_min_len(rows_per_task)
         .try_for_each_init(
             || Vec::with_capacity(row_len),
-            |keys: &mut Vec<u32>, (ri, (o, row))| {
+            |keys: &mut Vec<u32>, (o, row)| {
                 keys.clear();
-                for (j, v) in row.iter().enumerate() {
-                    keys.push(v.abs_key().ok_or_else(|| nan_at(ri * row_len + j))?);
-                }
-                let cut_hi = row_cut(keys, hi);
-                let cut_lo = row_cut(keys, lo);
-                let (mut in_hi, mut in_lo) = (CutWalker::new(cut_hi, 0), CutWalker::new(cut_lo, 0));
-                for (m, v) in o.iter_mut().zip(row) {
-                    let key = v.abs_key().unwrap_or(0);
-                    *m = (in_hi.take(key) && !in_lo.take(key)) as u8;
-                }
+                row.for_each_block(0..row_len, |ks| keys.extend_from_slice(ks))?;
+                let (cut_lo, cut_hi) = row_band_cuts(keys, lo, hi);
+                write_band(row, &mut CutWalker::new(cut_lo, 0), &mut CutWalker::new(cut_hi, 0), o);
                 Ok(())
             },
         )
+        .map_err(|_: usize| first_nan(x))
 }
 
 #[cfg(test)]
@@ -276,30 +432,38 @@ mod tests {
     use half::{bf16, f16};
 
     struct XorShift(u64);
+
     impl XorShift {
+        fn new(seed: u64) -> Self {
+            XorShift(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+        }
         fn next(&mut self) -> u64 {
             self.0 ^= self.0 << 13;
             self.0 ^= self.0 >> 7;
             self.0 ^= self.0 << 17;
             self.0
         }
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+        /// Roughly normal with sd 1 (sum of 4 uniforms).
         fn normal_ish(&mut self) -> f32 {
-            (0..4).map(|_| (self.next() % 2001) as f32 / 1000.0 - 1.0).sum::<f32>() * 3.0
+            (0..4).map(|_| self.below(1 << 20) as f32 / (1 << 20) as f32 - 0.5).sum::<f32>() * 1.7
         }
     }
 
+    /// Values drawn from a handful of levels, many of them ±0.0.
+    const LEVELS: [f32; 8] = [0.0, -0.0, 0.0, -0.0, 1.0, -1.0, 0.5, -2.0];
+
     fn random<T: Float>(n: usize, seed: u64, tie_heavy: bool) -> Vec<T> {
-        let mut g = XorShift(seed * 2 + 1);
-        let levels = [0.0f32, -0.0, 1.0, -1.0, 0.5, -2.0, 2.0];
+        let mut g = XorShift::new(seed);
         (0..n)
-            .map(|_| {
-                let v = if tie_heavy { levels[(g.next() % 7) as usize] } else { g.normal_ish() };
-                T::from_f32(v)
-            })
+            .map(|_| T::from_f32(if tie_heavy { LEVELS[g.below(8) as usize] } else { g.normal_ish() }))
             .collect()
     }
 
-    /// Ranks by (|x| desc, index asc) through a stable sort.
+    /// rank[i] from a stable sort of indices by |x| descending (so equal |x|
+    /// keep index order), comparing floats, not keys.
     fn reference_ranks<T: Float>(x: &[T]) -> Vec<usize> {
         let mut idx: Vec<usize> = (0..x.len()).collect();
         idx.sort_by(|&a, &b| x[b].to_f32().abs().partial_cmp(&x[a].to_f32().abs()).unwrap());
@@ -310,93 +474,263 @@ mod tests {
         rank
     }
 
-    fn check_all<T: Float>(n: usize, seed: u64, tie_heavy: bool) {
-        let x: Vec<T> = random(n, seed, tie_heavy);
-        let ranks = reference_ranks(&x);
+    fn reference_cut<T: Float>(x: &[T], r: usize) -> Cut {
+        if r == 0 {
+            return Cut::EMPTY;
+        }
+        let mut keys: Vec<u32> = x.iter().map(|v| v.abs_key().unwrap()).collect();
+        keys.sort_unstable_by(|a, b| b.cmp(a));
+        let key = keys[r - 1];
+        let greater = keys.iter().filter(|&&k| k > key).count();
+        let equal = keys.iter().filter(|&&k| k == key).count();
+        Cut { cut: RankCut { key, ties: r - greater }, equal }
+    }
+
+    fn assert_band(x_ranks: &[usize], lo: usize, hi: usize, out: &[u8], what: &str) {
+        for (i, (&rank, &o)) in x_ranks.iter().zip(out).enumerate() {
+            assert_eq!(o == 1, (lo..hi).contains(&rank), "{what}: i={i} rank={rank} lo={lo} hi={hi}");
+        }
+    }
+
+    fn ranks_to_try(n: usize) -> Vec<usize> {
+        let mut rs = vec![0, 1, 2, n / 3, n / 2, n.saturating_sub(1), n];
+        rs.retain(|&r| r <= n);
+        rs
+    }
+
+    /// Both cut strategies and the public API against the reference.
+    fn check_slice<T: Float>(x: &[T], what: &str) {
+        let n = x.len();
+        let ranks = reference_ranks(x);
         let mut sorted: Vec<f32> = x.iter().map(|v| v.to_f32().abs()).collect();
         sorted.sort_by(|a, b| b.partial_cmp(a).unwrap());
-        for k in [1, 2, n / 3, n / 2, n.saturating_sub(1), n].into_iter().filter(|&k| k >= 1 && k <= n) {
-            assert_eq!(kth_largest_abs(&x, k).unwrap().to_f32(), sorted[k - 1], "k={k} n={n}");
+        for r in ranks_to_try(n) {
+            let want = reference_cut(x, r);
+            assert_eq!(small_cuts(x, [r]).unwrap()[0], want, "{what}: small r={r}");
+            assert_eq!(radix_cuts(x, [r], T::KEY_BITS).unwrap()[0], want, "{what}: radix r={r}");
+            assert_eq!(top_cut(x, r).unwrap(), want.cut, "{what}: r={r}");
+            if r >= 1 {
+                let got = kth_largest_abs(x, r).unwrap();
+                assert_eq!(got.to_f32().to_bits(), sorted[r - 1].to_bits(), "{what}: k={r}");
+            }
         }
-        let mut out = vec![0u8; n];
-        for (lo, hi) in [(0, 0), (0, n), (n / 4, n / 2), (1.min(n), n.min(5)), (n / 3, n / 3)] {
-            band_mask(&x, lo, hi, &mut out).unwrap();
-            for i in 0..n {
-                assert_eq!(out[i] == 1, ranks[i] >= lo && ranks[i] < hi, "i={i} lo={lo} hi={hi}");
+        let mut out = vec![7u8; n];
+        for (lo, hi) in [(0, 0), (0, n), (n / 4, n / 2), (1.min(n), 5.min(n)), (n / 3, n / 3), (n, n)] {
+            band_mask(x, lo, hi, &mut out).unwrap();
+            assert_band(&ranks, lo, hi, &out, what);
+        }
+    }
+
+    fn check_all_types(n: usize, seed: u64, tie_heavy: bool) {
+        let what = format!("n={n} seed={seed} ties={tie_heavy}");
+        check_slice(&random::<f32>(n, seed, tie_heavy), &format!("f32 {what}"));
+        check_slice(&random::<bf16>(n, seed, tie_heavy), &format!("bf16 {what}"));
+        check_slice(&random::<f16>(n, seed, tie_heavy), &format!("f16 {what}"));
+    }
+
+    #[test]
+    fn tiny_slices_match_reference() {
+        for n in 0..=3 {
+            for seed in 0..20 {
+                check_all_types(n, seed, seed % 2 == 0);
             }
         }
     }
 
     #[test]
-    fn whole_slice_matches_reference() {
-        for n in [0usize, 1, 2, 3, 17, 1000] {
-            for seed in 0..3 {
-                for tie in [false, true] {
-                    check_all::<f32>(n, seed, tie);
-                    check_all::<bf16>(n, seed, tie);
-                    check_all::<f16>(n, seed, tie);
-                }
+    fn random_slices_match_reference() {
+        for n in [17, 1000, 4097] {
+            for seed in 0..4 {
+                check_all_types(n, seed, false);
+                check_all_types(n, seed, true);
             }
         }
+    }
+
+    #[test]
+    fn signed_zeros_are_equal_and_ties_go_to_lower_index() {
+        let x = [-0.0f32, 0.0, -0.0, 3.0, 0.0];
+        let mut out = [0u8; 5];
+        band_mask(&x, 1, 3, &mut out).unwrap();
+        assert_eq!(out, [1, 1, 0, 0, 0]);
+        assert_eq!(top_cut(&x, 3).unwrap(), RankCut { key: 0, ties: 2 });
+        assert_eq!(kth_largest_abs(&x, 5).unwrap().to_bits(), 0);
+    }
+
+    #[test]
+    fn infinities_rank_first() {
+        let x = [1.0f32, f32::NEG_INFINITY, 3.0, f32::INFINITY];
+        let mut out = [0u8; 4];
+        band_mask(&x, 0, 2, &mut out).unwrap();
+        assert_eq!(out, [0, 1, 0, 1]);
+        assert_eq!(kth_largest_abs(&x, 2).unwrap(), f32::INFINITY);
     }
 
     #[test]
     fn crosses_chunk_boundaries() {
-        check_all::<bf16>(3 * CHUNK + 7, 9, true);
-        check_all::<f32>(2 * CHUNK + 3, 5, false);
+        // Large enough for the radix path and several CHUNKs; tie-heavy data
+        // makes the tie ordinals cross chunks.
+        let n = 3_000_001;
+        for (seed, tie_heavy) in [(1, true), (2, false)] {
+            let x: Vec<bf16> = random(n, seed, tie_heavy);
+            check_big(&x);
+            let x: Vec<f32> = random(n, seed, tie_heavy);
+            check_big(&x);
+        }
     }
 
-    #[test]
-    fn rows_match_reference() {
-        for row_len in [1usize, 2, 5, 64, 333] {
-            for tie in [false, true] {
-                let x: Vec<bf16> = random(row_len * 7, row_len as u64, tie);
-                for (lo, hi) in [(0, 0), (0, row_len), (row_len / 4, row_len / 2 + 1), (0, 1)] {
-                    let hi = hi.min(row_len);
-                    let lo = lo.min(hi);
-                    let mut out = vec![0u8; x.len()];
-                    band_mask_rows(&x, row_len, lo, hi, &mut out).unwrap();
-                    for (r, row) in x.chunks(row_len).enumerate() {
-                        let ranks = reference_ranks(row);
-                        for j in 0..row_len {
-                            assert_eq!(out[r * row_len + j] == 1, ranks[j] >= lo && ranks[j] < hi);
-                        }
-                    }
-                }
-            }
+    fn check_big<T: Float>(x: &[T]) {
+        let n = x.len();
+        let ranks = reference_ranks(x);
+        let mut out = vec![0u8; n];
+        for (lo, hi) in [(n / 5, n / 2), (0, n / 3 + 1), (n / 2, n)] {
+            band_mask(x, lo, hi, &mut out).unwrap();
+            assert_band(&ranks, lo, hi, &out, "big");
+            assert_eq!(top_cut(x, hi).unwrap(), reference_cut(x, hi).cut);
         }
     }
 
     #[test]
     fn f32_second_radix_pass() {
-        // Keys share their high 16 bits and differ in the low ones.
-        let x: Vec<f32> = (0..5000u32).map(|i| f32::from_bits(0x3f80_0000 + i) * if i % 2 == 0 { -1.0 } else { 1.0 }).collect();
-        for k in [1, 2, 2500, 4999, 5000] {
-            assert_eq!(kth_largest_abs(&x, k).unwrap().to_bits(), 0x3f80_0000 + 5000 - k as u32);
+        // Keys share their high 16 bits and differ only in the low ones; the
+        // duplicate of every 7th element makes ties inside the low bins.
+        let x: Vec<f32> = (0..5000u32)
+            .map(|i| {
+                let v = f32::from_bits(0x3f80_0000 + i - i % 7 * (i % 2));
+                if i % 3 == 0 { -v } else { v }
+            })
+            .collect();
+        let ranks = reference_ranks(&x);
+        for r in [1, 2, 77, 2500, 4999, 5000] {
+            assert_eq!(radix_cuts(&x[..], [r], 31).unwrap()[0], reference_cut(&x, r), "r={r}");
+        }
+        let [lo, hi] = radix_cuts(&x[..], [100, 2600], 31).unwrap();
+        assert_eq!((lo, hi), (reference_cut(&x, 100), reference_cut(&x, 2600)));
+        let mut out = vec![0u8; x.len()];
+        band_mask(&x, 100, 2600, &mut out).unwrap();
+        assert_band(&ranks, 100, 2600, &out, "shared high bits");
+    }
+
+    #[test]
+    fn f32_cuts_in_different_high_bins() {
+        let x: Vec<f32> = random(SMALL + 5, 11, false);
+        let n = x.len();
+        let got = radix_cuts(&x[..], [0, 10, n / 2, n], 31).unwrap();
+        assert_eq!(got, [0, 10, n / 2, n].map(|r| reference_cut(&x, r)));
+    }
+
+    #[test]
+    fn rows_match_reference() {
+        for row_len in [1usize, 2, 3, 5, 64, 333] {
+            for tie_heavy in [false, true] {
+                let x: Vec<bf16> = random(row_len * 7, row_len as u64, tie_heavy);
+                let y: Vec<f32> = random(row_len * 7, row_len as u64, tie_heavy);
+                for (lo, hi) in [(0, 0), (0, row_len), (row_len / 4, row_len / 2 + 1), (0, 1), (1, 1), (row_len, row_len)] {
+                    let hi = hi.min(row_len);
+                    let lo = lo.min(hi);
+                    check_rows(&x, row_len, lo, hi);
+                    check_rows(&y, row_len, lo, hi);
+                }
+            }
+        }
+    }
+
+    fn check_rows<T: Float>(x: &[T], row_len: usize, lo: usize, hi: usize) {
+        let mut out = vec![9u8; x.len()];
+        band_mask_rows(x, row_len, lo, hi, &mut out).unwrap();
+        for (row, o) in x.chunks(row_len).zip(out.chunks(row_len)) {
+            assert_band(&reference_ranks(row), lo, hi, o, &format!("row_len={row_len}"));
         }
     }
 
     #[test]
-    fn errors() {
-        let x = [1.0f32, f32::NAN, 2.0];
+    fn nan_is_an_error_naming_the_first_index() {
+        let is_nan_at = |r: Result<()>, i: usize| matches!(r, Err(Error::Value(m)) if m.ends_with(&format!("NaN at index {i}")));
+        let x = [1.0f32, f32::NAN, 2.0, f32::NAN];
         assert!(matches!(kth_largest_abs(&x, 1), Err(Error::Value(m)) if m.contains("NaN at index 1")));
-        let mut out = [0u8; 3];
-        assert!(band_mask(&x, 0, 1, &mut out).is_err());
-        assert!(band_mask_rows(&x, 3, 0, 1, &mut out).is_err());
+        assert!(top_cut(&x, 0).is_err());
+        assert!(is_nan_at(band_mask(&x, 0, 1, &mut [0u8; 4]), 1));
+        assert!(is_nan_at(band_mask_rows(&x, 2, 0, 1, &mut [0u8; 4]), 1));
+        let mut big: Vec<f16> = random(3 * CHUNK, 3, false);
+        big[2 * CHUNK + 5] = f16::NAN;
+        big[3 * CHUNK - 1] = f16::NAN;
+        assert!(is_nan_at(band_mask(&big, 0, 10, &mut vec![0u8; big.len()]), 2 * CHUNK + 5));
+        assert!(is_nan_at(band_mask_rows(&big, 1024, 0, 10, &mut vec![0u8; big.len()]), 2 * CHUNK + 5));
+        let mut wide: Vec<f32> = random(SMALL * 2, 4, false);
+        wide[SMALL + 1] = f32::NAN;
+        assert!(matches!(top_cut(&wide, 5), Err(Error::Value(m)) if m.ends_with(&format!("index {}", SMALL + 1))));
+    }
+
+    #[test]
+    fn argument_errors() {
         let y = [1.0f32; 4];
-        assert!(kth_largest_abs(&y, 0).is_err());
+        let value = |r: Result<()>, want: &str| matches!(r, Err(Error::Value(m)) if m == want);
+        assert!(matches!(kth_largest_abs(&y, 0), Err(Error::Value(m)) if m == "k: expected 1 <= k <= 4, got 0"));
         assert!(kth_largest_abs(&y, 5).is_err());
-        assert!(matches!(band_mask(&y, 3, 2, &mut [0u8; 4]), Err(Error::Value(_))));
+        assert!(kth_largest_abs::<f32>(&[], 1).is_err());
+        assert!(matches!(top_cut(&y, 5), Err(Error::Value(m)) if m == "r: expected 0 <= r <= 4, got 5"));
+        assert_eq!(top_cut(&y, 0).unwrap(), RankCut::empty());
+        assert!(value(band_mask(&y, 3, 2, &mut [0u8; 4]), "lo: expected 0 <= lo <= 2, got 3"));
+        assert!(value(band_mask(&y, 0, 5, &mut [0u8; 4]), "hi: expected 0 <= hi <= 4 (the row length), got 5"));
+        assert!(value(band_mask_rows(&y, 2, 0, 3, &mut [0u8; 4]), "hi: expected 0 <= hi <= 2 (the row length), got 3"));
         assert!(matches!(band_mask(&y, 0, 2, &mut [0u8; 3]), Err(Error::Shape(_))));
         assert!(matches!(band_mask_rows(&y, 3, 0, 1, &mut [0u8; 4]), Err(Error::Shape(_))));
+        assert!(matches!(band_mask_rows(&y, 0, 0, 0, &mut [0u8; 4]), Err(Error::Shape(_))));
+        assert!(matches!(band_mask_rows(&y, 2, 0, 1, &mut [0u8; 5]), Err(Error::Shape(_))));
     }
 
     #[test]
     #[ignore]
     fn bench_kth_64m() {
-        let x: Vec<f32> = random(64 << 20, 1, false);
+        let n = 64 << 20;
+        let x: Vec<f32> = random(n, 1, false);
+        for _ in 0..3 {
+            let t = std::time::Instant::now();
+            let v = kth_largest_abs(&x, n / 10).unwrap();
+            println!("kth_largest_abs, 64M f32, k = n/10: {:?} -> {v}", t.elapsed());
+        }
+        let mut out = vec![0u8; n];
         let t = std::time::Instant::now();
-        let v = kth_largest_abs(&x, (64 << 20) / 10).unwrap();
-        println!("kth_largest_abs 64M f32: {:?} -> {v}", t.elapsed());
+        band_mask(&x, n / 10, n / 2, &mut out).unwrap();
+        println!("band_mask, 64M f32: {:?}", t.elapsed());
+        let t = std::time::Instant::now();
+        band_mask_rows(&x, 4096, 400, 2048, &mut out).unwrap();
+        println!("band_mask_rows, 64M f32 in rows of 4096: {:?}", t.elapsed());
+    }
+}
+#[cfg(test)]
+mod tmp_prof {
+    use super::*;
+    #[test]
+    #[ignore]
+    fn prof() {
+        let n = 64 << 20;
+        let mut g = 12345u64;
+        let x: Vec<f32> = (0..n).map(|_| { g ^= g << 13; g ^= g >> 7; g ^= g << 17; ((g >> 40) as f32 / (1u64<<24) as f32 - 0.5) * 3.0 }).collect();
+        for _ in 0..2 {
+            let t = std::time::Instant::now();
+            let h = high_histogram(&x[..], 16).unwrap();
+            let t1 = t.elapsed();
+            let l = low_histograms(&x[..], [0x3f00u32]);
+            let t2 = t.elapsed();
+            let s: u64 = x.par_iter().map(|v| v.to_bits() as u64).sum();
+            let t3 = t.elapsed();
+            println!("high {:?} low {:?} sum {:?} {} {} {}", t1, t2 - t1, t3 - t2, h[100], l[0][5], s);
+            // single thread direct loops
+            let t = std::time::Instant::now();
+            let mut h = vec![0u64; HIGH_BINS];
+            for v in &x { let k = v.to_bits() & 0x7fff_ffff; h[(k >> 16) as usize & (HIGH_BINS-1)] += 1; }
+            let t1 = t.elapsed();
+            let mut h2 = vec![0u32; HIGH_BINS];
+            for v in &x { let k = v.to_bits() & 0x7fff_ffff; h2[(k >> 16) as usize & (HIGH_BINS-1)] += 1; }
+            let t2 = t.elapsed();
+            let mut h3: Box<[u64; HIGH_BINS]> = zeroed();
+            let _ = x[..].for_each_block(0..n, |ks| for &k in ks { h3[(k >> 16) as usize & (HIGH_BINS-1)] += 1 });
+            let t3 = t.elapsed();
+            let mut c = 0usize;
+            for v in &x { let k = v.to_bits() & 0x7fff_ffff; c += (k >> 16 == 0x3f00) as usize; }
+            let t4 = t.elapsed();
+            println!("1T direct u64 {:?} u32 {:?} for_each_key {:?} count {:?} {} {} {} {}", t1, t2-t1, t3-t2, t4-t3, h[5], h2[5], h3[5], c);
+        }
     }
 }
