@@ -35,6 +35,13 @@ def run_inproc(capsys, *args):
     return subprocess.CompletedProcess(args, code, out.out, out.err)
 
 
+def run_mergekit(cfg, out):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    exe = os.path.join(os.path.dirname(sys.executable), "mergekit-yaml")
+    mk = subprocess.run([exe, str(cfg), str(out), "--allow-crimes"], capture_output=True, text=True, env=env, timeout=600)
+    assert mk.returncode == 0, mk.stderr[-3000:]
+
+
 def load_folder(folder):
     out = {}
     for f in read_checkpoint(folder).files:
@@ -103,10 +110,7 @@ def test_parity_with_mergekit(llama, tmp_path, method):
     root, base, fts = llama
     cfg = write_config(tmp_path / "m.yml", method, base, fts)
     run_ferrox("merge", cfg, tmp_path / "fx", "--no-progress")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    mk = subprocess.run([os.path.join(os.path.dirname(sys.executable), "mergekit-yaml"), str(cfg), str(tmp_path / "mk"),
-                         "--allow-crimes"], capture_output=True, text=True, env=env, timeout=600)
-    assert mk.returncode == 0, mk.stderr[-3000:]
+    run_mergekit(cfg, tmp_path / "mk")
     fx, mkout, b = load_folder(tmp_path / "fx"), load_folder(tmp_path / "mk"), load_folder(base)
     ms = [load_folder(f) for f in fts]
     assert set(fx) == set(mkout)
@@ -246,10 +250,7 @@ def test_parity_with_mergekit_sparsified(llama, tmp_path, method):
     root, base, fts = llama
     cfg = write_config(tmp_path / "m.yml", method, base, fts)
     run_ferrox("merge", cfg, tmp_path / "fx", "--no-progress")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    mk = subprocess.run([os.path.join(os.path.dirname(sys.executable), "mergekit-yaml"), str(cfg), str(tmp_path / "mk"),
-                         "--allow-crimes"], capture_output=True, text=True, env=env, timeout=600)
-    assert mk.returncode == 0, mk.stderr[-3000:]
+    run_mergekit(cfg, tmp_path / "mk")
     params = [m["parameters"] for m in yaml.safe_load(cfg.read_text())["models"]]
     fx, mkout, b = load_folder(tmp_path / "fx"), load_folder(tmp_path / "mk"), load_folder(base)
     ms = [load_folder(f) for f in fts]

@@ -698,39 +698,3 @@ mod tests {
         println!("band_mask_rows, 64M f32 in rows of 4096: {:?}", t.elapsed());
     }
 }
-#[cfg(test)]
-mod tmp_prof {
-    use super::*;
-    #[test]
-    #[ignore]
-    fn prof() {
-        let n = 64 << 20;
-        let mut g = 12345u64;
-        let x: Vec<f32> = (0..n).map(|_| { g ^= g << 13; g ^= g >> 7; g ^= g << 17; ((g >> 40) as f32 / (1u64<<24) as f32 - 0.5) * 3.0 }).collect();
-        for _ in 0..2 {
-            let t = std::time::Instant::now();
-            let h = high_histogram(&x[..], 16).unwrap();
-            let t1 = t.elapsed();
-            let l = low_histograms(&x[..], [0x3f00u32]);
-            let t2 = t.elapsed();
-            let s: u64 = x.par_iter().map(|v| v.to_bits() as u64).sum();
-            let t3 = t.elapsed();
-            println!("high {:?} low {:?} sum {:?} {} {} {}", t1, t2 - t1, t3 - t2, h[100], l[0][5], s);
-            // single thread direct loops
-            let t = std::time::Instant::now();
-            let mut h = vec![0u64; HIGH_BINS];
-            for v in &x { let k = v.to_bits() & 0x7fff_ffff; h[(k >> 16) as usize & (HIGH_BINS-1)] += 1; }
-            let t1 = t.elapsed();
-            let mut h2 = vec![0u32; HIGH_BINS];
-            for v in &x { let k = v.to_bits() & 0x7fff_ffff; h2[(k >> 16) as usize & (HIGH_BINS-1)] += 1; }
-            let t2 = t.elapsed();
-            let mut h3: Box<[u64; HIGH_BINS]> = zeroed();
-            let _ = x[..].for_each_block(0..n, |ks| for &k in ks { h3[(k >> 16) as usize & (HIGH_BINS-1)] += 1 });
-            let t3 = t.elapsed();
-            let mut c = 0usize;
-            for v in &x { let k = v.to_bits() & 0x7fff_ffff; c += (k >> 16 == 0x3f00) as usize; }
-            let t4 = t.elapsed();
-            println!("1T direct u64 {:?} u32 {:?} for_each_key {:?} count {:?} {} {} {} {}", t1, t2-t1, t3-t2, t4-t3, h[5], h2[5], h3[5], c);
-        }
-    }
-}

@@ -40,6 +40,19 @@ fn expect_cpu_pair(a: &Tensor<'_>, b: &Tensor<'_>) -> PyResult<()> {
     .map_err(to_py)
 }
 
+/// Both tensors are uint8 and `packed` has `unpacked`'s rows of packed width.
+fn expect_codes(a: &Tensor<'_>, b: &Tensor<'_>, packed: &Tensor<'_>, unpacked: &Tensor<'_>, bits: u32, row_len: usize) -> PyResult<()> {
+    (|| {
+        a.expect_dtype(&[DType::U8])?;
+        b.expect_dtype(&[DType::U8])?;
+        if !(1..=8).contains(&bits) {
+            return Err(Error::Value(format!("bits: expected 1..=8, got {bits}")));
+        }
+        expect_rows(packed, unpacked, pack::packed_row_bytes(row_len, bits))
+    })()
+    .map_err(to_py)
+}
+
 #[pyfunction]
 pub fn pack_signs(py: Python<'_>, x: &Bound<'_, PyAny>, out: &Bound<'_, PyAny>) -> PyResult<()> {
     let x = Tensor::input("x", x)?;
@@ -80,15 +93,7 @@ pub fn pack_codes(py: Python<'_>, codes: &Bound<'_, PyAny>, bits: u32, out: &Bou
     let out = Tensor::output("out", out)?;
     expect_cpu_pair(&codes, &out)?;
     let row_len = codes.row_len();
-    (|| {
-        codes.expect_dtype(&[DType::U8])?;
-        out.expect_dtype(&[DType::U8])?;
-        if !(1..=8).contains(&bits) {
-            return Err(Error::Value(format!("bits: expected 1..=8, got {bits}")));
-        }
-        expect_rows(&out, &codes, pack::packed_row_bytes(row_len, bits))
-    })()
-    .map_err(to_py)?;
+    expect_codes(&codes, &out, &out, &codes, bits, row_len)?;
     let (c, o) = unsafe { (codes.slice::<u8>(), out.slice_mut::<u8>()) };
     compute(py, move || pack::pack_codes(c, bits, row_len.max(1), o))
 }
@@ -99,15 +104,7 @@ pub fn unpack_codes(py: Python<'_>, packed: &Bound<'_, PyAny>, bits: u32, out: &
     let out = Tensor::output("out", out)?;
     expect_cpu_pair(&packed, &out)?;
     let row_len = out.row_len();
-    (|| {
-        packed.expect_dtype(&[DType::U8])?;
-        out.expect_dtype(&[DType::U8])?;
-        if !(1..=8).contains(&bits) {
-            return Err(Error::Value(format!("bits: expected 1..=8, got {bits}")));
-        }
-        expect_rows(&packed, &out, pack::packed_row_bytes(row_len, bits))
-    })()
-    .map_err(to_py)?;
+    expect_codes(&packed, &out, &packed, &out, bits, row_len)?;
     let (p, o) = unsafe { (packed.slice::<u8>(), out.slice_mut::<u8>()) };
     compute(py, move || pack::unpack_codes(p, bits, row_len.max(1), o))
 }
