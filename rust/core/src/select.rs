@@ -209,7 +209,7 @@ fn zeroed<const B: usize>() -> Box<[u64; B]> {
     vec![0u64; B].into_boxed_slice().try_into().expect("length is B")
 }
 
-fn add<const B: usize>(mut a: Box<[u64; B]>, b: Box<[u64; B]>) -> Box<[u64; B]> {
+fn add<const B: usize>(mut a: Box<[u64; B]>, b: &[u64; B]) -> Box<[u64; B]> {
     a.iter_mut().zip(b.iter()).for_each(|(a, b)| *a += b);
     a
 }
@@ -226,7 +226,7 @@ fn high_histogram<K: Keys + ?Sized>(x: &K, shift: u32) -> Result<Box<[u64; HIGH_
             })?;
             Ok(h)
         })
-        .try_reduce(zeroed, |a, b| Ok(add(a, b)))
+        .try_reduce(zeroed, |a, b| Ok(add(a, &b)))
         .map_err(|_: usize| first_nan(x))
 }
 
@@ -252,7 +252,7 @@ fn low_histograms<K: Keys + ?Sized, const M: usize>(x: &K, highs: [u32; M]) -> [
         })
         .reduce(fresh, |a, b| {
             let mut b = b.into_iter();
-            a.map(|a| add(a, b.next().expect("M histograms")))
+            a.map(|a| add(a, &b.next().expect("M histograms")))
         })
 }
 
@@ -360,19 +360,61 @@ pub fn band_mask<T: Float>(x: &[T], lo: usize, hi: usize, out: &mut [u8]) -> Res
         .zip(x.par_chunks(CHUNK))
         .enumerate()
         .for_each(|(c, (o, xs))| {
-            let mut top_hi = CutWalker::new(cut_hi.cut, start_hi[c]);
-            let mut top_lo = CutWalker::new(cut_lo.cut, start_lo[c]);
-            write_band(xs, &mut top_lo, &mut top_hi, o);
+            let lo = Rule::new(cut_lo.cut, start_lo[c], cut_lo.partial());
+            let hi = Rule::new(cut_hi.cut, start_hi[c], cut_hi.partial());
+            write_band(xs, o, lo, hi);
         });
     Ok(())
 }
 
-/// out[i] = in top-hi and not in top-lo; both walkers see every element.
-fn write_band<T: Float>(xs: &[T], top_lo: &mut CutWalker, top_hi: &mut CutWalker, out: &mut [u8]) {
-    for (o, v) in out.iter_mut().zip(xs) {
-        // NaN was refused when the cuts were found.
-        let key = v.abs_key().unwrap_or(0);
-        *o = (top_hi.take(key) & !top_lo.take(key)) as u8;
+/// How one cut decides membership during a mask pass: keys other than `tie`
+/// are in iff key >= `least`; keys equal to `tie` (a partial cut's key) need
+/// the walker's ordinal. `tie` is u32::MAX, which no key equals, when
+/// ordinals do not matter.
+#[derive(Clone, Copy)]
+struct Rule {
+    least: u32,
+    tie: u32,
+    walker: CutWalker,
+}
+
+impl Rule {
+    /// `seen`: ties before this point; `ordinals`: whether they can matter.
+    fn new(cut: RankCut, seen: usize, ordinals: bool) -> Self {
+        let walker = CutWalker::new(cut, seen);
+        if ordinals && cut.ties > 0 {
+            // A non-empty cut's key is a real key, below u32::MAX.
+            Rule { least: cut.key + 1, tie: cut.key, walker }
+        } else {
+            // No tie or all taken: in iff key >= cut key (the empty cut's
+            // u32::MAX exceeds every key).
+            Rule { least: cut.key, tie: u32::MAX, walker }
+        }
+    }
+}
+
+/// out[i] = in top-hi and not in top-lo. Blocks holding no `tie` key are
+/// decided by comparisons alone (vectorised); the others element by element
+/// with the walkers, which thus see every tie key in order. A walker of a cut
+/// whose ordinals do not matter may miss ties: it undercounts, and
+/// `seen < ties` stays true when all ties are taken (false when none are).
+fn write_band<T: Float>(xs: &[T], out: &mut [u8], mut lo: Rule, mut hi: Rule) {
+    const BLOCK: usize = 64;
+    // NaN was refused when the cuts were found, so 0 is never used.
+    let key = |v: &T| v.abs_key().unwrap_or(0);
+    for (o, xs) in out.chunks_mut(BLOCK).zip(xs.chunks(BLOCK)) {
+        let mut tie = false;
+        for (o, v) in o.iter_mut().zip(xs) {
+            let k = key(v);
+            tie |= (k == lo.tie) | (k == hi.tie);
+            *o = ((k >= hi.least) & (k < lo.least)) as u8;
+        }
+        if tie {
+            for (o, v) in o.iter_mut().zip(xs) {
+                let k = key(v);
+                *o = (hi.walker.take(k) & !lo.walker.take(k)) as u8;
+            }
+        }
     }
 }
 
@@ -401,7 +443,7 @@ fn row_band_cuts(keys: &mut [u32], lo: usize, hi: usize) -> (RankCut, RankCut) {
 /// own; out[i] = 1 iff the rank of x[i] within its row is in [lo, hi).
 pub fn band_mask_rows<T: Float>(x: &[T], row_len: usize, lo: usize, hi: usize, out: &mut [u8]) -> Result<()> {
     check_len("out", x.len(), out.len())?;
-    if row_len == 0 || x.len() % row_len != 0 {
+    if row_len == 0 || !x.len().is_multiple_of(row_len) {
         return Err(Error::Shape(format!(
             "row_len: expected a positive divisor of the {} elements of x, got {row_len}",
             x.len()
@@ -419,7 +461,8 @@ pub fn band_mask_rows<T: Float>(x: &[T], row_len: usize, lo: usize, hi: usize, o
                 keys.clear();
                 row.for_each_block(0..row_len, |ks| keys.extend_from_slice(ks))?;
                 let (cut_lo, cut_hi) = row_band_cuts(keys, lo, hi);
-                write_band(row, &mut CutWalker::new(cut_lo, 0), &mut CutWalker::new(cut_hi, 0), o);
+                // Tie counts are unknown here, so treat ordinals as mattering.
+                write_band(row, o, Rule::new(cut_lo, 0, true), Rule::new(cut_hi, 0, true));
                 Ok(())
             },
         )
@@ -558,6 +601,21 @@ mod tests {
     }
 
     #[test]
+    fn one_partial_cut_beside_one_taking_all_ties() {
+        // Top-lo takes every 2.0 (its walker only runs in blocks holding a
+        // 1.0, so it undercounts); top-hi takes the first few 1.0s.
+        let n = 3 * SMALL + 11;
+        let x: Vec<f32> = (0..n).map(|i| if i % 3 == 0 { -2.0 } else { 1.0 }).collect();
+        let twos = n.div_ceil(3);
+        let ranks = reference_ranks(&x);
+        let mut out = vec![0u8; n];
+        for (lo, hi) in [(twos, twos + 5), (twos - 1, twos + 70), (twos, n)] {
+            band_mask(&x, lo, hi, &mut out).unwrap();
+            assert_band(&ranks, lo, hi, &out, "partial beside full");
+        }
+    }
+
+    #[test]
     fn infinities_rank_first() {
         let x = [1.0f32, f32::NEG_INFINITY, 3.0, f32::INFINITY];
         let mut out = [0u8; 4];
@@ -625,7 +683,8 @@ mod tests {
             for tie_heavy in [false, true] {
                 let x: Vec<bf16> = random(row_len * 7, row_len as u64, tie_heavy);
                 let y: Vec<f32> = random(row_len * 7, row_len as u64, tie_heavy);
-                for (lo, hi) in [(0, 0), (0, row_len), (row_len / 4, row_len / 2 + 1), (0, 1), (1, 1), (row_len, row_len)] {
+                let bands = [(0, 0), (0, row_len), (row_len / 4, row_len / 2 + 1), (0, 1), (1, 1), (row_len, row_len)];
+                for (lo, hi) in bands {
                     let hi = hi.min(row_len);
                     let lo = lo.min(hi);
                     check_rows(&x, row_len, lo, hi);
@@ -645,7 +704,8 @@ mod tests {
 
     #[test]
     fn nan_is_an_error_naming_the_first_index() {
-        let is_nan_at = |r: Result<()>, i: usize| matches!(r, Err(Error::Value(m)) if m.ends_with(&format!("NaN at index {i}")));
+        let is_nan_at =
+            |r: Result<()>, i: usize| matches!(r, Err(Error::Value(m)) if m.ends_with(&format!("NaN at index {i}")));
         let x = [1.0f32, f32::NAN, 2.0, f32::NAN];
         assert!(matches!(kth_largest_abs(&x, 1), Err(Error::Value(m)) if m.contains("NaN at index 1")));
         assert!(top_cut(&x, 0).is_err());
