@@ -107,19 +107,9 @@ __device__ __forceinline__ void store_block(float* out, u64 j, u64 phase, u64 n,
     }
 }
 
-extern "C" __global__ void philox_uniform(float* out, u64 seed, u64 stream, u64 offset, u64 n) {
-    u64 phase = offset & 3u;
-    u64 base = offset - phase;
-    u64 blocks = (n + phase + 3u) >> 2;
-    for (u64 j = global_index(); j < blocks; j += global_stride()) {
-        u32 r[4];
-        philox_block(seed, stream, (base + 4u * j) >> 2, r);
-        float v[4] = {u32_to_uniform(r[0]), u32_to_uniform(r[1]), u32_to_uniform(r[2]), u32_to_uniform(r[3])};
-        store_block(out, j, phase, n, v);
-    }
-}
-
-extern "C" __global__ void philox_normal(float* out, u64 seed, u64 stream, u64 offset, u64 n) {
+// One Philox block of 4 outputs per iteration; `offset` may start mid-block.
+template <bool NORMAL>
+__device__ __forceinline__ void philox_fill(float* out, u64 seed, u64 stream, u64 offset, u64 n) {
     u64 phase = offset & 3u;
     u64 base = offset - phase;
     u64 blocks = (n + phase + 3u) >> 2;
@@ -127,8 +117,20 @@ extern "C" __global__ void philox_normal(float* out, u64 seed, u64 stream, u64 o
         u32 r[4];
         philox_block(seed, stream, (base + 4u * j) >> 2, r);
         float v[4];
-        box_muller(r[0], r[1], &v[0], &v[1]);
-        box_muller(r[2], r[3], &v[2], &v[3]);
+        if (NORMAL) {
+            box_muller(r[0], r[1], &v[0], &v[1]);
+            box_muller(r[2], r[3], &v[2], &v[3]);
+        } else {
+            for (int l = 0; l < 4; ++l) v[l] = u32_to_uniform(r[l]);
+        }
         store_block(out, j, phase, n, v);
     }
+}
+
+extern "C" __global__ void philox_uniform(float* out, u64 seed, u64 stream, u64 offset, u64 n) {
+    philox_fill<false>(out, seed, stream, offset, n);
+}
+
+extern "C" __global__ void philox_normal(float* out, u64 seed, u64 stream, u64 offset, u64 n) {
+    philox_fill<true>(out, seed, stream, offset, n);
 }
