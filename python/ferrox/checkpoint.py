@@ -195,7 +195,13 @@ class ShardedWriter:
 
     def close(self) -> None:
         for f in self._handles.values():
-            f.flush()
-            os.fsync(f.fileno())
             f.close()
         self._handles = {}
+        # Tensors may also have been written at their offsets by the Rust
+        # core through its own handles: flush every shard.
+        for path in self.files:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)

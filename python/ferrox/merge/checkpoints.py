@@ -13,12 +13,17 @@ from typing import Dict, List, Optional
 import torch
 import yaml
 
+from .. import _core
 from .. import checkpoint as ckpt
 from .config import MergeConfig
-from .tensor import merge_tensors
+from .tensor import merge_terms, row_length
 
 TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-NAME_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+NAME_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+#: Working memory of a streamed tensor merge (all inputs' chunk buffers plus
+#: the output's); bounds a merge's memory whatever the tensor sizes.
+CHUNK_BYTES = 64 << 20
+ELEMENT_BYTES = {"F32": 4, "F16": 2, "BF16": 2}
 # Files besides weights that make an output folder loadable.
 COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
           "special_tokens_map.json", "tokenizer.model", "vocab.txt", "merges.txt", "vocab.json",
@@ -166,9 +171,44 @@ def _model_card(cfg: MergeConfig, report_bytes: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _merge_one(cfg: MergeConfig, p, entries, writer, allow_nonfinite: bool, chunk_bytes: int, paths) -> int:
+    """Streams one float tensor's merge from the input files into the output
+    file; returns how many elements changed."""
+    base, models = (entries[0], entries[1:]) if cfg.base else (None, entries)
+    compute = NAME_DTYPES[cfg.dtype] if cfg.dtype else entries[0].dtype
+    width = ELEMENT_BYTES[compute] * (len(entries) + 1) + ELEMENT_BYTES[p.dtype]
+    weights, sparsify = merge_terms(
+        cfg.method, len(models),
+        weight=[m.params["weight"] for m in cfg.models],
+        density=[m.params.get("density", 1.0) for m in cfg.models],
+        gamma=[m.params.get("gamma", 0.01) for m in cfg.models],
+        seed=cfg.seed, tensor_name=p.name,
+    )
+    path, offset, _ = writer.where[p.name]
+    locate = lambda e: (e.file, e.data_start, e.dtype)  # noqa: E731
+    try:
+        return _core.merge_tensor_files(
+            (path, offset, p.dtype), locate(base) if base else None, [locate(e) for e in models], _numel(p.shape),
+            compute, weights, sparsify, cfg.method.consensus,
+            cfg.method.normalize if cfg.normalize is None else bool(cfg.normalize),
+            cfg.method.rescale if cfg.rescale is None else bool(cfg.rescale),
+            float(cfg.lam), row_length(cfg.granularity, tuple(p.shape)), not allow_nonfinite,
+            max(1, chunk_bytes // width),
+        )
+    except ValueError as e:
+        msg = str(e).replace("models[", "model[")
+        raise MergeError(f"tensor {p.name!r}: {msg} (inputs: {', '.join(paths)})") from None
+
+
 def merge_checkpoints(cfg: MergeConfig, out: str, *, force: bool = False, max_shard_elements: int = 5_000_000_000,
-                      allow_nonfinite: bool = False, progress: Optional[bool] = None) -> MergeReport:
-    """Runs a merge config and writes the merged model to ``out``."""
+                      allow_nonfinite: bool = False, progress: Optional[bool] = None,
+                      chunk_bytes: int = CHUNK_BYTES) -> MergeReport:
+    """Runs a merge config and writes the merged model to ``out``.
+
+    Each tensor is merged by the Rust core straight from the input files,
+    chunk by chunk (positioned reads into reusable buffers of about
+    ``chunk_bytes`` in all), and written at its precomputed offset in the
+    output, so memory stays bounded whatever the model's size."""
     from tqdm import tqdm
 
     start = time.perf_counter()
@@ -178,44 +218,29 @@ def merge_checkpoints(cfg: MergeConfig, out: str, *, force: bool = False, max_sh
     # mergekit counts shard sizes in elements; the widest output element sets bytes.
     widest = max((p.nbytes // max(1, _numel(p.shape)) for p in planned), default=1)
     max_shard_bytes = max_shard_elements * widest
-    compute_dtype = NAME_DTYPES.get(cfg.dtype) if cfg.dtype else None
     density, merged, copied = {}, 0, 0
+    total = sum(p.nbytes for p in planned)
     with _atomic_folder(out, force) as tmp:
         writer = ckpt.ShardedWriter(tmp, planned, max_shard_bytes, metadata={"merged_by": "ferrox"})
         try:
-            bar = tqdm(planned, desc=f"ferrox merge ({cfg.method.name})", unit="tensor", disable=None if progress is None else not progress)
-            for p in bar:
-                tensors = [i.load(i.entry(p.name)) for i in inputs]
-                if tensors[0].dtype not in TORCH_DTYPES.values():
-                    writer.write(p.name, tensors[0])  # integer buffers: the reference model's
-                    copied += 1
-                    continue
-                if compute_dtype is not None:
-                    tensors = [t.to(compute_dtype) for t in tensors]
-                base, models = (tensors[0], tensors[1:]) if cfg.base else (None, tensors)
-                try:
-                    result = merge_tensors(
-                        cfg.method, base, models,
-                        weight=[m.params["weight"] for m in cfg.models],
-                        density=[m.params.get("density", 1.0) for m in cfg.models],
-                        gamma=[m.params.get("gamma", 0.01) for m in cfg.models],
-                        lam=cfg.lam, normalize=cfg.normalize, rescale=cfg.rescale,
-                        granularity=cfg.granularity, seed=cfg.seed, tensor_name=p.name,
-                        check_finite=not allow_nonfinite,
-                    )
-                except ValueError as e:
-                    msg = str(e).replace("models[", "model[")
-                    raise MergeError(f"tensor {p.name!r}: {msg} (inputs: {', '.join(paths)})") from None
-                ref = base if base is not None else models[0]
-                density[p.name] = int(torch.count_nonzero(result != ref)) / max(1, ref.numel())
-                writer.write(p.name, result.to(TORCH_DTYPES[p.dtype]))
-                merged += 1
+            bar = tqdm(total=total, desc=f"ferrox merge ({cfg.method.name})", unit="B", unit_scale=True,
+                       disable=None if progress is None else not progress)
+            with bar:
+                for p in planned:
+                    entries = [i.entry(p.name) for i in inputs]
+                    if entries[0].dtype not in TORCH_DTYPES:
+                        writer.write(p.name, inputs[0].load(entries[0]))  # integer buffers: the reference model's
+                        copied += 1
+                    else:
+                        changed = _merge_one(cfg, p, entries, writer, allow_nonfinite, chunk_bytes, paths)
+                        density[p.name] = changed / max(1, _numel(p.shape))
+                        merged += 1
+                    bar.update(p.nbytes)
         finally:
             writer.close()
             for i in inputs:
                 i.close()
         _copy_side_files(cfg, tmp)
-        total = sum(p.nbytes for p in planned)
         with open(os.path.join(tmp, "ferrox_config.yml"), "w") as f:
             yaml.safe_dump(cfg.resolved(), f, sort_keys=False)
         with open(os.path.join(tmp, "README.md"), "w") as f:

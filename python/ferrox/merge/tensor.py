@@ -45,6 +45,7 @@ def merge_tensors(
     tensor_name: str = "",
     check_finite: bool = True,
     out: Optional[torch.Tensor] = None,
+    chunk_len: int = 0,
 ) -> torch.Tensor:
     """Merges one tensor of several fine-tuned models.
 
@@ -55,6 +56,8 @@ def merge_tensors(
     ``normalize``/``rescale`` default to the method's mergekit defaults.
     ``granularity="row"`` ranks |τ| within each row of the last dimension
     (the Breadcrumbs paper); ``"tensor"`` over the whole tensor (mergekit).
+    ``chunk_len`` (elements, 0 = default) only changes how the work is
+    streamed, never the result.
     """
     m: MergeMethod = method if isinstance(method, MergeMethod) else get_method(method)
     models = list(models)
@@ -68,21 +71,36 @@ def merge_tensors(
         _checks.tensor("base", base)
     else:
         base = torch.zeros_like(models[0])
-    if granularity not in GRANULARITIES:
-        raise ValueError(f"granularity: expected one of {GRANULARITIES}, got {granularity!r}")
-    n = len(models)
+    terms = merge_terms(m, len(models), weight=weight, density=density, gamma=gamma, seed=seed,
+                        tensor_name=tensor_name)
+    row_len = row_length(granularity, tuple(base.shape))
+    if out is None:
+        out = torch.empty(base.shape, dtype=base.dtype)
+    _core.merge_tensor(
+        out, base, models, *terms, m.consensus,
+        m.normalize if normalize is None else bool(normalize),
+        m.rescale if rescale is None else bool(rescale),
+        float(lam), row_len, check_finite, chunk_len,
+    )
+    return out
+
+
+def merge_terms(m: MergeMethod, n: int, *, weight=None, density=None, gamma=None, seed: int = 0,
+                tensor_name: str = ""):
+    """(weights, sparsifier specs) of n models, as the Rust core takes them."""
     weights = _per_model("weight", weight, n, 1.0)
     densities = [_checks.fraction("density", d) for d in _per_model("density", density, n, 1.0)]
     gammas = [_checks.fraction("gamma", g) for g in _per_model("gamma", gamma, n, 0.01)]
     _checks.count("seed", seed, 0, 2**64 - 1)
     sparsify = [(m.sparsify, d, g, seed, rng_stream(tensor_name, i)) for i, (d, g) in enumerate(zip(densities, gammas))]
-    row_len = base.shape[-1] if granularity == "row" and base.dim() > 0 and base.numel() > 0 else 0
-    if out is None:
-        out = torch.empty(base.shape, dtype=base.dtype)
-    _core.merge_tensor(
-        out, base, models, weights, sparsify, m.consensus,
-        m.normalize if normalize is None else bool(normalize),
-        m.rescale if rescale is None else bool(rescale),
-        float(lam), row_len, check_finite,
-    )
-    return out
+    return weights, sparsify
+
+
+def row_length(granularity: str, shape: tuple) -> int:
+    """The row length selection ranks within (0: the whole tensor)."""
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity: expected one of {GRANULARITIES}, got {granularity!r}")
+    numel = 1
+    for d in shape:
+        numel *= d
+    return shape[-1] if granularity == "row" and len(shape) > 0 and numel > 0 else 0

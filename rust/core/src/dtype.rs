@@ -79,6 +79,27 @@ pub trait Float: Copy + Send + Sync + 'static {
     fn from_abs_key(key: u32) -> Self;
     /// IEEE sign bit (so -0.0 has it set).
     fn sign_bit(self) -> bool;
+    /// `v` rounded to this type, back in f32 (what storing `v` keeps).
+    #[inline(always)]
+    fn round_f32(v: f32) -> f32 {
+        Self::from_f32(v).to_f32()
+    }
+    /// `abs_key` of the value whose f32 is `v` (`v` representable in this
+    /// type); NaN gives a key above infinity's instead of `None`.
+    #[inline(always)]
+    fn key_of_f32(v: f32) -> u32 {
+        Self::from_f32(v).abs_key().unwrap_or(u32::MAX)
+    }
+}
+
+/// f32 -> bf16 bits, round to nearest even, NaN kept quiet; the same bits as
+/// `half::bf16::from_f32`, but branch-free so block loops vectorise.
+#[inline(always)]
+fn bf16_bits(v: f32) -> u16 {
+    let x = v.to_bits();
+    let rounded = x.wrapping_add(0x7fff + ((x >> 16) & 1)) >> 16;
+    let nan = (x & 0x7fff_ffff) > 0x7f80_0000;
+    (if nan { (x >> 16) | 0x40 } else { rounded }) as u16
 }
 
 impl Float for f32 {
@@ -100,6 +121,10 @@ impl Float for f32 {
     #[inline]
     fn from_abs_key(key: u32) -> Self {
         f32::from_bits(key)
+    }
+    #[inline(always)]
+    fn key_of_f32(v: f32) -> u32 {
+        v.to_bits() & 0x7fff_ffff
     }
     #[inline]
     fn sign_bit(self) -> bool {
@@ -142,7 +167,7 @@ impl Float for bf16 {
     }
     #[inline]
     fn from_f32(v: f32) -> Self {
-        bf16::from_f32(v)
+        bf16::from_bits(bf16_bits(v))
     }
     #[inline]
     fn abs_key(self) -> Option<u32> {
@@ -152,6 +177,14 @@ impl Float for bf16 {
     #[inline]
     fn from_abs_key(key: u32) -> Self {
         bf16::from_bits(key as u16)
+    }
+    #[inline(always)]
+    fn round_f32(v: f32) -> f32 {
+        f32::from_bits((bf16_bits(v) as u32) << 16)
+    }
+    #[inline(always)]
+    fn key_of_f32(v: f32) -> u32 {
+        (v.to_bits() >> 16) & 0x7fff
     }
     #[inline]
     fn sign_bit(self) -> bool {
@@ -176,6 +209,28 @@ mod tests {
         assert!(bf16::NAN.abs_key().is_none());
         assert!(f16::NAN.abs_key().is_none());
         assert_eq!(bf16::from_abs_key(bf16::from_f32(-1.5).abs_key().unwrap()).to_f32(), 1.5);
+    }
+
+    #[test]
+    fn branch_free_bf16_rounding_matches_half() {
+        let mut x = 0x1234_5678u32;
+        let specials = [0u32, 0x8000_0000, 0x7f80_0000, 0xff80_0000, 0x7fc0_0000, 0x7f80_0001, 0xffff_ffff,
+                        0x7f7f_ffff, 0xff7f_ffff, 0x3f80_8000, 0x3f81_8000, 0x0000_8000, 0x0001_7fff];
+        let randoms = (0..200_000).map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x
+        });
+        for bits in specials.into_iter().chain(randoms) {
+            let v = f32::from_bits(bits);
+            assert_eq!(<bf16 as Float>::from_f32(v).to_bits(), bf16::from_f32(v).to_bits(), "{bits:#x}");
+            if !v.is_nan() {
+                let r = <bf16 as Float>::round_f32(v);
+                assert_eq!(r.to_bits(), bf16::from_f32(v).to_f32().to_bits());
+                assert_eq!(<bf16 as Float>::key_of_f32(r), bf16::from_f32(v).abs_key().unwrap_or(u32::MAX).min(0x7fff));
+            }
+        }
     }
 
     #[test]

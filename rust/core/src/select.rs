@@ -140,11 +140,14 @@ fn nan_at(i: usize) -> Error {
     Error::Value(format!("x contains NaN at index {i}"))
 }
 
-/// The error for a NaN found somewhere by a parallel pass: rescans for the
-/// first one so the message does not depend on scheduling.
+/// The index of the first NaN, for a NaN found somewhere by a parallel pass:
+/// rescans so the message does not depend on scheduling.
+fn first_nan_index<K: Keys + ?Sized>(x: &K) -> usize {
+    (0..x.len()).into_par_iter().position_first(|i| x.key(i).is_none()).unwrap_or(0)
+}
+
 fn first_nan<K: Keys + ?Sized>(x: &K) -> Error {
-    let i = (0..x.len()).into_par_iter().position_first(|i| x.key(i).is_none());
-    nan_at(i.unwrap_or(0))
+    nan_at(first_nan_index(x))
 }
 
 fn check_rank(name: &str, r: usize, lo: usize, hi: usize) -> Result<()> {
@@ -171,17 +174,17 @@ fn par_ranges(n: usize) -> impl IndexedParallelIterator<Item = Range<usize>> {
 /// A cut plus the number of keys equal to its key, which says whether the
 /// tie ordinals matter at all.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Cut {
-    cut: RankCut,
-    equal: usize,
+pub struct Cut {
+    pub cut: RankCut,
+    pub equal: usize,
 }
 
 impl Cut {
-    const EMPTY: Cut = Cut { cut: RankCut { key: u32::MAX, ties: 0 }, equal: 0 };
+    pub const EMPTY: Cut = Cut { cut: RankCut { key: u32::MAX, ties: 0 }, equal: 0 };
 
     /// Some but not all elements equal to the cut key are taken, so each
     /// one's membership depends on how many came before it.
-    fn partial(&self) -> bool {
+    pub fn partial(&self) -> bool {
         self.cut.ties > 0 && self.cut.ties < self.equal
     }
 }
@@ -214,9 +217,10 @@ fn add<const B: usize>(mut a: Box<[u64; B]>, b: &[u64; B]) -> Box<[u64; B]> {
     a
 }
 
-/// Counts of `(key >> shift) & (HIGH_BINS - 1)`; refuses NaN. The mask keeps
-/// the hot loop free of bounds checks (keys fit: 15 bits, or 31 >> 16).
-fn high_histogram<K: Keys + ?Sized>(x: &K, shift: u32) -> Result<Box<[u64; HIGH_BINS]>> {
+/// Counts of `(key >> shift) & (HIGH_BINS - 1)`; `Err(i)` for a NaN at
+/// index i (the first one, whatever the scheduling). The mask keeps the hot
+/// loop free of bounds checks (keys fit: 15 bits, or 31 >> 16).
+fn high_histogram<K: Keys + ?Sized>(x: &K, shift: u32) -> std::result::Result<Box<[u64; HIGH_BINS]>, usize> {
     par_ranges(x.len())
         .try_fold(zeroed, |mut h, range| {
             x.for_each_block(range, |keys| {
@@ -227,18 +231,18 @@ fn high_histogram<K: Keys + ?Sized>(x: &K, shift: u32) -> Result<Box<[u64; HIGH_
             Ok(h)
         })
         .try_reduce(zeroed, |a, b| Ok(add(a, &b)))
-        .map_err(|_: usize| first_nan(x))
+        .map_err(|_: usize| first_nan_index(x))
 }
 
 /// For each `highs[m]`, counts of the low 16 bits of the keys whose high half
 /// equals it. Runs after `high_histogram` refused NaN.
-fn low_histograms<K: Keys + ?Sized, const M: usize>(x: &K, highs: [u32; M]) -> [Box<[u64; LOW_BINS]>; M] {
-    let fresh = || std::array::from_fn(|_| zeroed());
+fn low_histograms<K: Keys + ?Sized>(x: &K, highs: &[u32]) -> Vec<Box<[u64; LOW_BINS]>> {
+    let fresh = || highs.iter().map(|_| zeroed()).collect::<Vec<_>>();
     par_ranges(x.len())
-        .fold(fresh, |mut hs: [Box<[u64; LOW_BINS]>; M], range| {
+        .fold(fresh, |mut hs: Vec<Box<[u64; LOW_BINS]>>, range| {
             // No NaN is left to stop at (the first pass checked every key).
             let _ = x.for_each_block(range, |keys| {
-                for (h, &high) in hs.iter_mut().zip(&highs) {
+                for (h, &high) in hs.iter_mut().zip(highs) {
                     // Most blocks hold no key of the chosen high bin; a
                     // vectorised test skips them.
                     if keys.iter().fold(false, |any, &k| any | (k >> 16 == high)) {
@@ -250,10 +254,7 @@ fn low_histograms<K: Keys + ?Sized, const M: usize>(x: &K, highs: [u32; M]) -> [
             });
             hs
         })
-        .reduce(fresh, |a, b| {
-            let mut b = b.into_iter();
-            a.map(|a| add(a, &b.next().expect("M histograms")))
-        })
+        .reduce(fresh, |a, b| a.into_iter().zip(&b).map(|(a, b)| add(a, b)).collect())
 }
 
 /// The bin holding the `r`-th largest counted key (1 <= r <= total count)
@@ -270,31 +271,100 @@ fn descend(hist: &[u64], r: usize) -> (usize, usize) {
     unreachable!("rank {r} exceeds the {above} counted keys")
 }
 
-fn radix_cuts<K: Keys + ?Sized, const M: usize>(x: &K, rs: [usize; M], key_bits: u32) -> Result<[Cut; M]> {
-    if key_bits <= 15 {
-        let h = high_histogram(x, 0)?;
-        return Ok(rs.map(|r| match r {
-            0 => Cut::EMPTY,
-            _ => {
-                let (bin, above) = descend(&h[..], r);
-                Cut { cut: RankCut { key: bin as u32, ties: r - above }, equal: h[bin] as usize }
-            }
-        }));
+/// Exact cuts for several ranks of one key sequence that may arrive in
+/// pieces (a tensor streamed from disk chunk by chunk): feed every piece to
+/// `count_high`, then, if `needs_low_pass`, every piece again to
+/// `count_low`; then `cuts`. The radix passes of whole slices are the
+/// one-piece case.
+pub struct CutHistograms {
+    ranks: Vec<usize>,
+    key_bits: u32,
+    high: Box<[u64; HIGH_BINS]>,
+    /// Per rank, after the high pass: (high bin, keys in higher bins).
+    coarse: Vec<Option<(usize, usize)>>,
+    lows: Vec<Box<[u64; LOW_BINS]>>,
+}
+
+impl CutHistograms {
+    /// `key_bits`: 15 for f16/bf16 keys (one pass), 31 for f32 (two).
+    pub fn new(ranks: &[usize], key_bits: u32) -> Self {
+        CutHistograms { ranks: ranks.to_vec(), key_bits, high: zeroed(), coarse: Vec::new(), lows: Vec::new() }
     }
-    let high = high_histogram(x, 16)?;
-    let coarse = rs.map(|r| (r > 0).then(|| descend(&high[..], r)));
-    // u32::MAX matches no key's high half, so r = 0 counts nothing.
-    let lows = low_histograms(x, coarse.map(|c| c.map_or(u32::MAX, |(bin, _)| bin as u32)));
-    let mut out = [Cut::EMPTY; M];
-    for m in 0..M {
-        if let Some((hbin, above_high)) = coarse[m] {
-            let (lbin, above_low) = descend(&lows[m][..], rs[m] - above_high);
-            let key = (hbin as u32) << 16 | lbin as u32;
-            let ties = rs[m] - above_high - above_low;
-            out[m] = Cut { cut: RankCut { key, ties }, equal: lows[m][lbin] as usize };
+
+    fn shift(&self) -> u32 {
+        if self.key_bits <= 15 {
+            0
+        } else {
+            16
         }
     }
-    Ok(out)
+
+    pub fn needs_low_pass(&self) -> bool {
+        self.key_bits > 15
+    }
+
+    /// Counts one piece in the first pass; `Err(i)`: NaN at piece index i.
+    pub fn count_high<K: Keys + ?Sized>(&mut self, x: &K) -> std::result::Result<(), usize> {
+        let h = high_histogram(x, self.shift())?;
+        self.high.iter_mut().zip(h.iter()).for_each(|(a, b)| *a += b);
+        Ok(())
+    }
+
+    /// Counts one piece in the second pass (after every piece was counted by
+    /// `count_high`, which refused NaN).
+    pub fn count_low<K: Keys + ?Sized>(&mut self, x: &K) {
+        if self.coarse.is_empty() {
+            let high = &self.high;
+            self.coarse = self.ranks.iter().map(|&r| (r > 0).then(|| descend(&high[..], r))).collect();
+            self.lows = self.ranks.iter().map(|_| zeroed()).collect();
+        }
+        // u32::MAX matches no key's high half, so r = 0 counts nothing.
+        let highs: Vec<u32> = self.coarse.iter().map(|c| c.map_or(u32::MAX, |(bin, _)| bin as u32)).collect();
+        for (acc, h) in self.lows.iter_mut().zip(low_histograms(x, &highs)) {
+            acc.iter_mut().zip(h.iter()).for_each(|(a, b)| *a += b);
+        }
+    }
+
+    /// The cut of each rank (each 0 <= r <= number of keys counted).
+    pub fn cuts(&self) -> Vec<Cut> {
+        if !self.needs_low_pass() {
+            return self
+                .ranks
+                .iter()
+                .map(|&r| match r {
+                    0 => Cut::EMPTY,
+                    _ => {
+                        let (bin, above) = descend(&self.high[..], r);
+                        Cut { cut: RankCut { key: bin as u32, ties: r - above }, equal: self.high[bin] as usize }
+                    }
+                })
+                .collect();
+        }
+        let coarse = if self.coarse.is_empty() { vec![None; self.ranks.len()] } else { self.coarse.clone() };
+        self.ranks
+            .iter()
+            .zip(coarse)
+            .enumerate()
+            .map(|(m, (&r, c))| match c {
+                None => Cut::EMPTY,
+                Some((hbin, above_high)) => {
+                    let (lbin, above_low) = descend(&self.lows[m][..], r - above_high);
+                    let key = (hbin as u32) << 16 | lbin as u32;
+                    Cut { cut: RankCut { key, ties: r - above_high - above_low }, equal: self.lows[m][lbin] as usize }
+                }
+            })
+            .collect()
+    }
+}
+
+fn radix_cuts<K: Keys + ?Sized, const M: usize>(x: &K, rs: [usize; M], key_bits: u32) -> Result<[Cut; M]> {
+    let mut h = CutHistograms::new(&rs, key_bits);
+    h.count_high(x).map_err(nan_at)?;
+    if h.needs_low_pass() {
+        h.count_low(x);
+    }
+    let cuts = h.cuts();
+    Ok(std::array::from_fn(|m| cuts[m]))
 }
 
 /// The cut of the top-`r` set by |x| (0 <= r <= n; r = 0 gives `RankCut::empty()`).
@@ -372,7 +442,7 @@ pub fn band_mask<T: Float>(x: &[T], lo: usize, hi: usize, out: &mut [u8]) -> Res
 /// the walker's ordinal. `tie` is u32::MAX, which no key equals, when
 /// ordinals do not matter.
 #[derive(Clone, Copy)]
-struct Rule {
+pub struct Rule {
     least: u32,
     tie: u32,
     walker: CutWalker,
@@ -380,7 +450,7 @@ struct Rule {
 
 impl Rule {
     /// `seen`: ties before this point; `ordinals`: whether they can matter.
-    fn new(cut: RankCut, seen: usize, ordinals: bool) -> Self {
+    pub fn new(cut: RankCut, seen: usize, ordinals: bool) -> Self {
         let walker = CutWalker::new(cut, seen);
         if ordinals && cut.ties > 0 {
             // A non-empty cut's key is a real key, below u32::MAX.
@@ -391,30 +461,48 @@ impl Rule {
             Rule { least: cut.key, tie: u32::MAX, walker }
         }
     }
+
+    /// Once every taken tie has been seen, the remaining ties are out and
+    /// comparisons alone decide.
+    #[inline(always)]
+    fn settle(&mut self) {
+        if self.walker.seen >= self.walker.cut.ties {
+            self.tie = u32::MAX;
+        }
+    }
 }
 
-/// out[i] = in top-hi and not in top-lo. Blocks holding no `tie` key are
-/// decided by comparisons alone (vectorised); the others element by element
-/// with the walkers, which thus see every tie key in order. A walker of a cut
-/// whose ordinals do not matter may miss ties: it undercounts, and
-/// `seen < ties` stays true when all ties are taken (false when none are).
-fn write_band<T: Float>(xs: &[T], out: &mut [u8], mut lo: Rule, mut hi: Rule) {
+/// out[i] = 1 iff keys[i] is in the top-hi set and not in the top-lo set.
+/// Blocks holding no `tie` key are decided by comparisons alone
+/// (vectorised); the others element by element with the walkers, which thus
+/// see every tie key in order. A walker of a cut whose ordinals do not matter
+/// may miss ties: it undercounts, and `seen < ties` stays true when all ties
+/// are taken (false when none are).
+pub fn band_keys(keys: &[u32], out: &mut [u8], lo: &mut Rule, hi: &mut Rule) {
     const BLOCK: usize = 64;
-    // NaN was refused when the cuts were found, so 0 is never used.
-    let key = |v: &T| v.abs_key().unwrap_or(0);
-    for (o, xs) in out.chunks_mut(BLOCK).zip(xs.chunks(BLOCK)) {
+    for (o, ks) in out.chunks_mut(BLOCK).zip(keys.chunks(BLOCK)) {
+        lo.settle();
+        hi.settle();
         let mut tie = false;
-        for (o, v) in o.iter_mut().zip(xs) {
-            let k = key(v);
+        for (o, &k) in o.iter_mut().zip(ks) {
             tie |= (k == lo.tie) | (k == hi.tie);
             *o = ((k >= hi.least) & (k < lo.least)) as u8;
         }
         if tie {
-            for (o, v) in o.iter_mut().zip(xs) {
-                let k = key(v);
+            for (o, &k) in o.iter_mut().zip(ks) {
                 *o = (hi.walker.take(k) & !lo.walker.take(k)) as u8;
             }
         }
+    }
+}
+
+/// `band_keys` over values (NaN was refused when the cuts were found).
+fn write_band<T: Float>(xs: &[T], out: &mut [u8], mut lo: Rule, mut hi: Rule) {
+    let mut keys = [0u32; BLOCK];
+    for (o, xs) in out.chunks_mut(BLOCK).zip(xs.chunks(BLOCK)) {
+        let keys = &mut keys[..xs.len()];
+        keys.iter_mut().zip(xs).for_each(|(k, v)| *k = v.abs_key().unwrap_or(0));
+        band_keys(keys, o, &mut lo, &mut hi);
     }
 }
 
@@ -433,7 +521,7 @@ pub fn row_cut(keys: &mut [u32], r: usize) -> RankCut {
 /// Cuts for ranks lo <= hi of one row. After the top-`hi` cut, the top-`hi`
 /// keys sit in the tail, and every key > the lo-th largest is among them, so
 /// the second quickselect only looks there.
-fn row_band_cuts(keys: &mut [u32], lo: usize, hi: usize) -> (RankCut, RankCut) {
+pub fn row_band_cuts(keys: &mut [u32], lo: usize, hi: usize) -> (RankCut, RankCut) {
     let n = keys.len();
     let cut_hi = row_cut(keys, hi);
     (row_cut(&mut keys[n - hi..], lo), cut_hi)

@@ -30,6 +30,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(select::kth_largest_abs, m)?)?;
     m.add_function(wrap_pyfunction!(select::band_mask, m)?)?;
     m.add_function(wrap_pyfunction!(merge::merge_tensor, m)?)?;
+    m.add_function(wrap_pyfunction!(merge::merge_tensor_files, m)?)?;
     m.add_function(wrap_pyfunction!(pack::packed_row_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(pack::pack_signs, m)?)?;
     m.add_function(wrap_pyfunction!(pack::unpack_signs, m)?)?;

@@ -1,6 +1,8 @@
 //! Task-vector merging of one tensor (see `ferrox_core::merge`).
 
-use ferrox_core::merge::{self, Granularity, Params, Sparsify, Term};
+use std::path::PathBuf;
+
+use ferrox_core::merge::{self, FileInputs, FileOutput, FileTensor, Granularity, Model, Params, Sparsify, Term};
 use ferrox_core::{DType, Error};
 use pyo3::prelude::*;
 
@@ -22,11 +24,27 @@ fn parse_sparsify(i: usize, (kind, density, gamma, seed, stream): &SparsifySpec)
     })
 }
 
+fn parse_all(sparsify: &[SparsifySpec]) -> Result<Vec<Sparsify>, Error> {
+    sparsify.iter().enumerate().map(|(i, s)| parse_sparsify(i, s)).collect()
+}
+
+fn params(consensus: bool, normalize: bool, rescale: bool, lam: f32, row_len: usize, check_finite: bool) -> Params {
+    Params {
+        consensus,
+        normalize,
+        rescale,
+        lambda: lam,
+        granularity: if row_len == 0 { Granularity::Tensor } else { Granularity::Row(row_len) },
+        check_finite,
+    }
+}
+
 /// out = base + λ·combine_i(w_i·sparsify_i(model_i − base)); `row_len` 0 means
-/// whole-tensor granularity.
+/// whole-tensor granularity; `chunk_len` 0 the default chunk. Returns how
+/// many elements differ from the base.
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
-#[pyo3(signature = (out, base, models, weights, sparsify, consensus, normalize, rescale, lam, row_len, check_finite=true))]
+#[pyo3(signature = (out, base, models, weights, sparsify, consensus, normalize, rescale, lam, row_len, check_finite=true, chunk_len=0))]
 pub fn merge_tensor(
     py: Python<'_>,
     out: &Bound<'_, PyAny>,
@@ -40,7 +58,8 @@ pub fn merge_tensor(
     lam: f32,
     row_len: usize,
     check_finite: bool,
-) -> PyResult<()> {
+    chunk_len: usize,
+) -> PyResult<u64> {
     let out = Tensor::output("out", out)?;
     let base = Tensor::input("base", base)?;
     let models = models.iter().map(|m| Tensor::input("models[i]", m)).collect::<PyResult<Vec<_>>>()?;
@@ -66,17 +85,11 @@ pub fn merge_tensor(
                 sparsify.len()
             )));
         }
-        sparsify.iter().enumerate().map(|(i, s)| parse_sparsify(i, s)).collect::<Result<Vec<_>, _>>()
+        parse_all(&sparsify)
     })()
     .map_err(to_py)?;
-    let params = Params {
-        consensus,
-        normalize,
-        rescale,
-        lambda: lam,
-        granularity: if row_len == 0 { Granularity::Tensor } else { Granularity::Row(row_len) },
-        check_finite,
-    };
+    let params = params(consensus, normalize, rescale, lam, row_len, check_finite);
+    let chunk_len = if chunk_len == 0 { merge::DEFAULT_CHUNK } else { chunk_len };
     with_float!(base.dtype, "base", T => {
         let (b, o) = unsafe { (base.slice::<T>(), out.slice_mut::<T>()) };
         let terms: Vec<Term<'_, T>> = models
@@ -85,6 +98,77 @@ pub fn merge_tensor(
             .zip(&sparsifiers)
             .map(|((m, &weight), &sparsify)| Term { values: unsafe { m.slice::<T>() }, weight, sparsify })
             .collect();
-        compute(py, move || merge::merge_tensor(b, &terms, &params, o))
+        compute(py, move || merge::merge_tensor_chunked(b, &terms, &params, o, chunk_len).map(|s| s.changed))
+    })
+}
+
+/// A tensor inside a file as passed from Python: (path, byte offset, dtype).
+type FileSpec = (PathBuf, u64, String);
+
+fn file_tensor(what: &str, (path, offset, dtype): FileSpec) -> Result<FileTensor, Error> {
+    let dtype = DType::parse(&dtype)
+        .filter(|d| d.is_float())
+        .ok_or_else(|| Error::DType(format!("{what}: expected dtype F32, F16 or BF16, got {dtype:?}")))?;
+    Ok(FileTensor { path, offset, dtype })
+}
+
+/// The streaming merge of one tensor stored in files: reads `numel` elements
+/// of each input chunk by chunk with positioned reads, computes in
+/// `compute_dtype` (inputs are converted to it, as mergekit's `dtype`), and
+/// writes the result at `out`'s offset in its dtype. Memory is O(chunk_len ×
+/// inputs). Returns how many elements differ from the base (from models[0]
+/// without a base).
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+#[pyo3(signature = (out, base, models, numel, compute_dtype, weights, sparsify, consensus, normalize, rescale, lam, row_len, check_finite=true, chunk_len=0))]
+pub fn merge_tensor_files(
+    py: Python<'_>,
+    out: FileSpec,
+    base: Option<FileSpec>,
+    models: Vec<FileSpec>,
+    numel: usize,
+    compute_dtype: String,
+    weights: Vec<f32>,
+    sparsify: Vec<SparsifySpec>,
+    consensus: bool,
+    normalize: bool,
+    rescale: bool,
+    lam: f32,
+    row_len: usize,
+    check_finite: bool,
+    chunk_len: usize,
+) -> PyResult<u64> {
+    let (out, base, inputs, dtype, terms) = (|| {
+        let out = file_tensor("out", out)?;
+        let base = base.map(|b| file_tensor("base", b)).transpose()?;
+        let inputs = models
+            .into_iter()
+            .enumerate()
+            .map(|(i, m)| file_tensor(&format!("models[{i}]"), m))
+            .collect::<Result<Vec<_>, _>>()?;
+        let dtype = DType::parse(&compute_dtype)
+            .filter(|d| d.is_float())
+            .ok_or_else(|| Error::DType(format!("compute_dtype: expected float32, float16 or bfloat16, got {compute_dtype:?}")))?;
+        if weights.len() != inputs.len() || sparsify.len() != inputs.len() {
+            return Err(Error::Shape(format!(
+                "weights/sparsify: expected {} entries (one per model), got {} and {}",
+                inputs.len(),
+                weights.len(),
+                sparsify.len()
+            )));
+        }
+        let terms: Vec<Model> =
+            weights.iter().zip(parse_all(&sparsify)?).map(|(&weight, sparsify)| Model { weight, sparsify }).collect();
+        Ok((out, base, inputs, dtype, terms))
+    })()
+    .map_err(to_py)?;
+    let params = params(consensus, normalize, rescale, lam, row_len, check_finite);
+    let chunk_len = if chunk_len == 0 { merge::DEFAULT_CHUNK } else { chunk_len };
+    with_float!(dtype, "compute_dtype", T => {
+        compute(py, move || {
+            let mut src = FileInputs::<T>::open(base, inputs, numel)?;
+            let mut dst = FileOutput::<T>::open(out, numel)?;
+            merge::merge_stream(&mut src, &terms, &params, &mut dst, chunk_len).map(|s| s.changed)
+        })
     })
 }
