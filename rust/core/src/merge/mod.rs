@@ -246,12 +246,21 @@ impl<T: Float> Keys for DeltaKeys<'_, T> {
     }
 }
 
-fn nan_delta(m: usize, i: usize) -> Error {
-    Error::Value(format!("models[{m}]: the delta from the base is NaN at flat index {i}"))
+/// The error for a NaN delta of model `m` at chunk index `i`: with the
+/// finite check on, the first NaN/Inf input of the chunk is named instead.
+fn nan_error<T: Float>(c: &Chunk<'_, T>, p: &Params, m: usize, start: usize, i: usize) -> Error {
+    if p.check_finite {
+        if let Err(e) = check_finite(c, start) {
+            return e;
+        }
+    }
+    Error::Value(format!("models[{m}]: the delta from the base is NaN at flat index {}", start + i))
 }
 
-/// Refuses NaN/Inf in a chunk, naming the input and the lowest flat index
-/// (inputs in order base, models[0], ...), whatever the scheduling.
+/// Refuses NaN/Inf in a chunk, naming the first input (base, models[0], ...)
+/// holding one and its lowest flat index, whatever the scheduling. (The write
+/// pass checks as it converts; this names the culprit when a selection pass
+/// meets a NaN delta first.)
 fn check_finite<T: Float>(c: &Chunk<'_, T>, start: usize) -> Result<()> {
     let inputs = std::iter::once(("base".to_string(), c.base))
         .chain(c.models.iter().enumerate().map(|(m, x)| (format!("models[{m}]"), *x)));
@@ -318,15 +327,13 @@ fn tensor_cuts<T: Float>(
         .map(|m| tensor_band(&m.sparsify, n).map(|(lo, hi)| CutHistograms::new(&[lo, hi], T::KEY_BITS)))
         .collect();
     let any = hists.iter().any(Option::is_some);
-    if p.check_finite || any {
+    if any {
         for range in chunks(n, chunk_len) {
             let c = inputs.load(range.clone())?;
-            if p.check_finite {
-                check_finite(&c, range.start)?;
-            }
             for (m, h) in hists.iter_mut().enumerate() {
                 if let Some(h) = h {
-                    h.count_high(&DeltaKeys { base: c.base, x: c.models[m] }).map_err(|i| nan_delta(m, range.start + i))?;
+                    h.count_high(&DeltaKeys { base: c.base, x: c.models[m] })
+                        .map_err(|i| nan_error(&c, p, m, range.start, i))?;
                 }
             }
         }
@@ -459,7 +466,7 @@ fn merge_whole<T: Float>(
         changed += o
             .par_chunks_mut(UNIT)
             .enumerate()
-            .map(|(u, o)| {
+            .map(|(u, o)| -> Result<u64> {
                 let span = u * UNIT..u * UNIT + o.len();
                 let models: Vec<&[T]> = c.models.iter().map(|x| &x[span.clone()]).collect();
                 block::write_span(
@@ -474,7 +481,9 @@ fn merge_whole<T: Float>(
                     o,
                 )
             })
-            .sum::<u64>();
+            .collect::<Vec<_>>()
+            .into_iter()
+            .sum::<Result<u64>>()?;
         out.commit(range)?;
     }
     Ok(MergeStats { changed })
@@ -509,9 +518,6 @@ fn merge_rows<T: Float>(
     let mut changed = 0;
     for range in chunks(inputs.len(), rows_per_chunk * row_len) {
         let c = inputs.load(range.clone())?;
-        if p.check_finite {
-            check_finite(&c, range.start)?;
-        }
         let reference = if has_base { c.base } else { c.models[0] };
         let o = out.buffer(range.clone());
         // Per-row results kept in order, so the error reported is the first row's.
@@ -525,7 +531,7 @@ fn merge_rows<T: Float>(
                 let xs: Vec<&[T]> = c.models.iter().map(|x| &x[span.clone()]).collect();
                 let mut masks = Vec::with_capacity(models.len());
                 for (m, (model, x)) in models.iter().zip(&xs).enumerate() {
-                    masks.push(row_mask(&model.sparsify, base, x, keys).map_err(|i| nan_delta(m, start + i))?);
+                    masks.push(row_mask(&model.sparsify, base, x, keys).map_err(|i| nan_error(&c, p, m, range.start, span.start + i))?);
                 }
                 let mut scales = weights.clone();
                 if p.rescale {
@@ -535,7 +541,7 @@ fn merge_rows<T: Float>(
                         }
                     }
                 }
-                Ok(block::write_span(base, &xs, &reference[span], start, &mut masks, &scales, &weights, p, o))
+                block::write_span(base, &xs, &reference[span], start, &mut masks, &scales, &weights, p, o)
             })
             .collect();
         for r in rows {
