@@ -257,27 +257,32 @@ fn nan_error<T: Float>(c: &Chunk<'_, T>, p: &Params, m: usize, start: usize, i: 
     Error::Value(format!("models[{m}]: the delta from the base is NaN at flat index {}", start + i))
 }
 
-/// Refuses NaN/Inf in a chunk, naming the first input (base, models[0], ...)
-/// holding one and its lowest flat index, whatever the scheduling. (The write
-/// pass checks as it converts; this names the culprit when a selection pass
-/// meets a NaN delta first.)
+/// Refuses NaN/Inf in a chunk, naming the lowest flat index holding one and
+/// the first input (base, models[0], ...) holding it there, whatever the
+/// scheduling: the same choice as the write pass makes. (The write pass
+/// checks as it converts; this names the culprit when a selection pass meets
+/// a NaN delta first.)
 fn check_finite<T: Float>(c: &Chunk<'_, T>, start: usize) -> Result<()> {
-    let inputs = std::iter::once(("base".to_string(), c.base))
-        .chain(c.models.iter().enumerate().map(|(m, x)| (format!("models[{m}]"), *x)));
-    for (name, xs) in inputs {
-        let first_bad = xs
-            .par_chunks(UNIT)
+    let inputs: Vec<(String, &[T])> = std::iter::once(("base".to_string(), c.base))
+        .chain(c.models.iter().enumerate().map(|(m, x)| (format!("models[{m}]"), *x)))
+        .collect();
+    let first_bad = |xs: &[T]| {
+        xs.par_chunks(UNIT)
             .enumerate()
             .filter_map(|(u, chunk)| {
                 let bad = chunk.iter().fold(false, |acc, v| acc | !v.to_f32().is_finite());
                 bad.then(|| u * UNIT + chunk.iter().position(|v| !v.to_f32().is_finite()).unwrap_or(0))
             })
-            .min();
-        if let Some(i) = first_bad {
-            return Err(Error::Value(format!("{name}: non-finite value {} at flat index {}", xs[i].to_f32(), start + i)));
+            .min()
+    };
+    // min_by_key keeps the first input among equal indices.
+    let worst = inputs.iter().filter_map(|(name, xs)| first_bad(xs).map(|i| (i, name, xs[i]))).min_by_key(|t| t.0);
+    match worst {
+        Some((i, name, v)) => {
+            Err(Error::Value(format!("{name}: non-finite value {} at flat index {}", v.to_f32(), start + i)))
         }
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// The rank band of a model whose mask depends on ranks over the tensor.
@@ -551,3 +556,6 @@ fn merge_rows<T: Float>(
     }
     Ok(MergeStats { changed })
 }
+
+#[cfg(test)]
+mod tests;
