@@ -221,3 +221,19 @@ def test_errors_name_the_problem():
         merge_tensors("task_arithmetic", base, [models[0], bad])
     out = merge_tensors("task_arithmetic", base, [models[0], bad], check_finite=False)
     assert torch.isnan(out[2, 3])
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "row"])
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_chunk_length_does_not_change_the_result(method, granularity):
+    # Over several 65536-element units, tie-heavy bf16: cuts, tie ordinals and
+    # rescale sums all cross chunk boundaries.
+    g = torch.Generator().manual_seed(11)
+    levels = torch.tensor([0.0, -0.0, 0.25, -0.25, 0.5, -1.0, 1.0])
+    base = torch.randn(3 * 65536 + 512, generator=g).to(torch.bfloat16).view(-1, 512)
+    models = [(base.float() + levels[torch.randint(0, 7, base.shape, generator=g)]).to(torch.bfloat16) for _ in range(3)]
+    kw = dict(weight=[0.5, 0.3, 0.8], density=0.4, gamma=0.02, granularity=granularity, seed=5, tensor_name="w")
+    whole = merge_tensors(method, base, models, **kw, chunk_len=base.numel())
+    for chunk in (1, 65536, 2 * 65536 + 7, 1000 * 512):
+        got = merge_tensors(method, base, models, **kw, chunk_len=chunk)
+        assert torch.equal(got.view(torch.int16), whole.view(torch.int16)), chunk
