@@ -177,6 +177,47 @@ fn as_bytes_mut<T: Float>(xs: &mut [T]) -> &mut [u8] {
     unsafe { std::slice::from_raw_parts_mut(xs.as_mut_ptr().cast::<u8>(), std::mem::size_of_val(xs)) }
 }
 
+/// A chunk buffer borrowed from a process-wide pool: a checkpoint merge
+/// opens one `FileInputs` per tensor, and fresh buffers would be zero-filled
+/// (and their pages faulted in) hundreds of times. Storage is u64 so any
+/// float view of it is aligned.
+struct Buffer {
+    words: Vec<u64>,
+}
+
+static POOL: std::sync::Mutex<Vec<Vec<u64>>> = std::sync::Mutex::new(Vec::new());
+/// Buffers kept for reuse (a merge holds one per input plus the output).
+const POOL_KEEP: usize = 64;
+
+impl Buffer {
+    fn take() -> Self {
+        let words = POOL.lock().map(|mut p| p.pop()).ok().flatten().unwrap_or_default();
+        Buffer { words }
+    }
+
+    /// The first `len` elements as `T`; contents are whatever was there.
+    fn view<T: Float>(&mut self, len: usize) -> &mut [T] {
+        let words = (len * std::mem::size_of::<T>()).div_ceil(8);
+        if self.words.len() < words {
+            self.words.resize(words, 0);
+        }
+        // SAFETY: the storage holds at least `len` T (any bit pattern is a
+        // valid f32/f16/bf16), u64 alignment satisfies every T, and the view
+        // borrows `self` mutably.
+        unsafe { std::slice::from_raw_parts_mut(self.words.as_mut_ptr().cast::<T>(), len) }
+    }
+}
+
+impl Drop for Buffer {
+    fn drop(&mut self) {
+        if let Ok(mut pool) = POOL.lock() {
+            if pool.len() < POOL_KEEP {
+                pool.push(std::mem::take(&mut self.words));
+            }
+        }
+    }
+}
+
 /// Inputs read from files with positioned reads into per-input buffers that
 /// are reused from chunk to chunk. Re-loading the chunk already held is
 /// free, so a tensor that fits in one chunk is read once however many
@@ -186,9 +227,10 @@ pub struct FileInputs<T> {
     models: Vec<OpenTensor>,
     len: usize,
     /// base, then one buffer per model
-    buffers: Vec<Vec<T>>,
+    buffers: Vec<Buffer>,
     raw: Vec<Vec<u8>>,
     loaded: Option<Range<usize>>,
+    _element: std::marker::PhantomData<T>,
 }
 
 impl<T: Float> FileInputs<T> {
@@ -201,9 +243,10 @@ impl<T: Float> FileInputs<T> {
             base,
             models,
             len,
-            buffers: (0..inputs).map(|_| Vec::new()).collect(),
+            buffers: (0..inputs).map(|_| Buffer::take()).collect(),
             raw: (0..inputs).map(|_| Vec::new()).collect(),
             loaded: None,
+            _element: std::marker::PhantomData,
         })
     }
 }
@@ -225,7 +268,7 @@ impl<T: Float> Inputs<T> for FileInputs<T> {
             let jobs: Vec<_> = sources.zip(self.buffers.iter_mut()).zip(self.raw.iter_mut()).collect();
             // Inputs in parallel: with a warm page cache each read is a copy.
             jobs.into_par_iter().try_for_each(|((source, buf), raw)| {
-                buf.resize(range.len(), T::from_f32(0.0));
+                let buf = buf.view::<T>(range.len());
                 match source {
                     Some(t) => t.read(&range, buf, raw),
                     None => {
@@ -234,31 +277,40 @@ impl<T: Float> Inputs<T> for FileInputs<T> {
                     }
                 }
             })?;
-            self.loaded = Some(range);
+            self.loaded = Some(range.clone());
         }
-        Ok(Chunk { base: &self.buffers[0], models: self.buffers[1..].iter().map(|b| &b[..]).collect() })
+        let n = range.len();
+        let mut views = self.buffers.iter_mut().map(|b| &*b.view::<T>(n));
+        let base = views.next().expect("a base buffer");
+        Ok(Chunk { base, models: views.collect() })
     }
 }
 
 /// The output tensor inside a file whose header is already written.
 pub struct FileOutput<T> {
     target: OpenTensor,
-    buffer: Vec<T>,
+    buffer: Buffer,
     raw: Vec<u8>,
+    _element: std::marker::PhantomData<T>,
 }
 
 impl<T: Float> FileOutput<T> {
     pub fn open(target: FileTensor, len: usize) -> Result<Self> {
-        Ok(FileOutput { target: OpenTensor::open(target, len, true)?, buffer: Vec::new(), raw: Vec::new() })
+        Ok(FileOutput {
+            target: OpenTensor::open(target, len, true)?,
+            buffer: Buffer::take(),
+            raw: Vec::new(),
+            _element: std::marker::PhantomData,
+        })
     }
 }
 
 impl<T: Float> Output<T> for FileOutput<T> {
     fn buffer(&mut self, range: Range<usize>) -> &mut [T] {
-        self.buffer.resize(range.len(), T::from_f32(0.0));
-        &mut self.buffer
+        self.buffer.view::<T>(range.len())
     }
     fn commit(&mut self, range: Range<usize>) -> Result<()> {
-        self.target.write(&range, &mut self.buffer, &mut self.raw)
+        let values = self.buffer.view::<T>(range.len());
+        self.target.write(&range, values, &mut self.raw)
     }
 }
