@@ -14,7 +14,9 @@ import time
 import yaml
 
 NAME = "merge"
-CASES = ["task_arithmetic", "ties", "breadcrumbs"]
+# breadcrumbs_row: ferrox with `granularity: row` (the paper's per-row band);
+# mergekit has no row mode, so its side is the per-tensor merge, for scale.
+CASES = ["task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_row"]
 MAIN_COMPARATOR = "mergekit"
 # Minutes per mergekit run at full size: one timed run after a warm-up that
 # also warms the page cache for both sides.
@@ -43,12 +45,14 @@ def _models(quick):
 
 def setup(case, quick):
     root, base, fts = _models(quick)
-    params = {"task_arithmetic": {}, "ties": {"density": 0.3}, "breadcrumbs": {"density": 0.3, "gamma": 0.01}}[case]
+    method = case.removesuffix("_row")
+    params = {"task_arithmetic": {}, "ties": {"density": 0.3}, "breadcrumbs": {"density": 0.3, "gamma": 0.01}}[method]
     cfg = {
-        "merge_method": case, "base_model": base, "dtype": "bfloat16",
+        "merge_method": method, "base_model": base, "dtype": "bfloat16",
         "models": [{"model": f, "parameters": {"weight": w, **params}} for f, w in zip(fts, (0.5, 0.3, 0.2))],
     }
-    return {"config": cfg, "root": root, "out": os.path.join(root, f"out-{os.getpid()}")}
+    granularity = "row" if case.endswith("_row") else "tensor"
+    return {"config": cfg, "granularity": granularity, "root": root, "out": os.path.join(root, f"out-{os.getpid()}")}
 
 
 def _fresh(path):
@@ -59,7 +63,9 @@ def _fresh(path):
 def run_ferrox(d):
     from ferrox.merge import merge_checkpoints, parse_config
 
-    merge_checkpoints(parse_config(d["config"]), _fresh(d["out"] + "-fx"), progress=False)
+    cfg = d["config"]
+    cfg = {**cfg, "parameters": {**cfg.get("parameters", {}), "granularity": d["granularity"]}}
+    merge_checkpoints(parse_config(cfg), _fresh(d["out"] + "-fx"), progress=False)
 
 
 def run_mergekit(d):

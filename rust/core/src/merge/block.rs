@@ -71,6 +71,7 @@ impl Block {
     }
 
     /// Converts the base block; true if it holds NaN/Inf.
+    #[inline(always)]
     fn load_base<T: Float>(&mut self, base: &[T]) -> bool {
         let mut bad = false;
         for (b, v) in self.base.iter_mut().zip(base) {
@@ -83,6 +84,7 @@ impl Block {
     /// delta = x − base rounded to T (mergekit subtracts in the input
     /// dtype), plus its keys and mask. Returns whether x holds NaN/Inf (the
     /// check rides along the conversion instead of costing its own pass).
+    #[inline(always)]
     fn delta_and_mask<T: Float>(&mut self, x: &[T], start: usize, mask: &mut Mask) -> bool {
         let n = x.len();
         let mut bad = false;
@@ -131,8 +133,48 @@ pub(super) fn l1_sums<T: Float>(base: &[T], x: &[T], start: usize, mut mask: Mas
 
 /// Writes the merged values of one span and returns how many differ from
 /// `reference`. `scales[m]` is model m's weight times its rescale factor.
+/// Runs the AVX2 build of the same code where the CPU has it (the wheel
+/// targets baseline x86-64); only the vector width differs, never a result.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn write_span<T: Float>(
+    base: &[T],
+    models: &[&[T]],
+    reference: &[T],
+    start: usize,
+    masks: &mut [Mask],
+    scales: &[f32],
+    weights: &[f32],
+    p: &Params,
+    out: &mut [T],
+) -> Result<u64> {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2, checked just above.
+        return unsafe { write_span_avx2(base, models, reference, start, masks, scales, weights, p, out) };
+    }
+    write_span_body(base, models, reference, start, masks, scales, weights, p, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn write_span_avx2<T: Float>(
+    base: &[T],
+    models: &[&[T]],
+    reference: &[T],
+    start: usize,
+    masks: &mut [Mask],
+    scales: &[f32],
+    weights: &[f32],
+    p: &Params,
+    out: &mut [T],
+) -> Result<u64> {
+    write_span_body(base, models, reference, start, masks, scales, weights, p, out)
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn write_span_body<T: Float>(
     base: &[T],
     models: &[&[T]],
     reference: &[T],
@@ -228,6 +270,7 @@ fn lanes(b: bool) -> u32 {
 /// it holds the sum of the entries whose sign matches Σ v's (ties go to +)
 /// and `divisor` the sum of their weights (1 where none join). The others
 /// add +0.0, which is exact: the sums never hold −0.0.
+#[inline(always)]
 fn elect_signs(v: &[f32], weights: &[f32], mixed: &mut [f32], divisor: &mut [f32]) {
     let n = mixed.len();
     let mut positive = [0u32; BLOCK];
