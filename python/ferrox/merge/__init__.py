@@ -1,11 +1,14 @@
-"""Model merging: task vectors, TIES, DARE, Model Breadcrumbs (and, next,
-aTLAS, weight matching and streaming checkpoint merges).
+"""Model merging: task vectors, TIES, DARE, Model Breadcrumbs, aTLAS and
+weight-matching alignment, with streaming checkpoint merges.
 
 ``merge_tensors`` merges one tensor in a single fused Rust pass (no N×n
 temporaries, exact thresholds by selection, Philox DARE masks);
-``METHODS`` is the one registry of merge methods.
+``merge_checkpoints`` streams whole checkpoints chunk by chunk from disk;
+``METHODS`` is the one registry of merge methods; ``ATLAS`` learns
+per-block task-vector coefficients with autograd.
 """
 
+from .atlas import ATLAS, fit_atlas, prediction_entropy, train_atlas
 from .checkpoints import MergeError, MergeReport, load_state_dict, merge_checkpoints
 from .config import ConfigError, MergeConfig, load_config, parse_config
 from .methods import METHODS, MergeMethod, get_method
@@ -13,6 +16,7 @@ from .task_vector import TaskVector
 from .tensor import merge_tensors, rng_stream
 
 __all__ = [
+    "ATLAS", "fit_atlas", "prediction_entropy", "train_atlas",
     "METHODS", "TaskVector", "ConfigError", "MergeConfig", "MergeError", "MergeMethod", "MergeReport",
     "get_method", "load_config", "load_state_dict", "merge_checkpoints", "merge_tensors", "parse_config", "rng_stream",
 ]
