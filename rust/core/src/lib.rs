@@ -13,6 +13,7 @@ pub mod ops;
 pub mod pack;
 pub mod philox;
 pub mod select;
+mod simd;
 
 pub use dtype::{DType, Float};
 pub use error::{Error, Result};

@@ -49,6 +49,7 @@ pub fn philox4x32_10(ctr: [u32; 4], key: [u32; 2]) -> [u32; 4] {
 /// Blocks `first .. first + L` of stream (`seed`, `stream`), computed side
 /// by side (structure of arrays) so the rounds vectorise; `out[4l + j]` is
 /// word j of block `first + l`, the same bits as `philox_block`.
+#[inline(always)]
 pub fn philox_blocks<const L: usize>(seed: u64, stream: u64, first: u64, out: &mut [u32]) {
     let (mut c0, mut c1) = ([0u32; L], [0u32; L]);
     let (mut c2, mut c3) = ([stream as u32; L], [(stream >> 32) as u32; L]);

@@ -478,6 +478,7 @@ impl Rule {
 /// see every tie key in order. A walker of a cut whose ordinals do not matter
 /// may miss ties: it undercounts, and `seen < ties` stays true when all ties
 /// are taken (false when none are).
+#[inline(always)]
 pub fn band_keys(keys: &[u32], out: &mut [u8], lo: &mut Rule, hi: &mut Rule) {
     const BLOCK: usize = 64;
     for (o, ks) in out.chunks_mut(BLOCK).zip(keys.chunks(BLOCK)) {

@@ -9,6 +9,7 @@ use std::ops::Range;
 use crate::error::{Error, Result};
 use crate::philox;
 use crate::select::{self, Rule};
+use crate::simd::multiversion;
 use crate::Float;
 
 use super::Params;
@@ -33,6 +34,7 @@ impl Mask {
 
     /// keep[j] for elements `start + j` (indices within the tensor) whose
     /// delta keys are `keys` (read only by rank-based masks).
+    #[inline(always)]
     fn fill(&mut self, start: usize, keys: &[u32], keep: &mut [u8]) {
         match self {
             Mask::All => keep.fill(1),
@@ -103,11 +105,13 @@ impl Block {
     }
 }
 
+multiversion! {
 /// Σ|τ| and Σ|kept τ| of one model over a span (mergekit's L1 rescale), in
 /// f64 with `LANES` partial sums (element j goes to lane j % LANES, lanes
 /// added in order at the end), so the bits do not depend on threads or
 /// chunking and the loop vectorises.
-pub(super) fn l1_sums<T: Float>(base: &[T], x: &[T], start: usize, mut mask: Mask) -> (f64, f64) {
+pub(super) fn l1_sums<T: Float>(base: &[T], x: &[T], start: usize, mask: Mask) -> (f64, f64) {
+    let mut mask = mask;
     const LANES: usize = 8;
     let mut blk = Block::new();
     let (mut all, mut kept) = ([0.0f64; LANES], [0.0f64; LANES]);
@@ -130,61 +134,22 @@ pub(super) fn l1_sums<T: Float>(base: &[T], x: &[T], start: usize, mut mask: Mas
     let total = |xs: [f64; LANES]| xs.iter().fold(0.0f64, |acc, &v| acc + v);
     (total(all), total(kept))
 }
-
-/// Writes the merged values of one span and returns how many differ from
-/// `reference`. `scales[m]` is model m's weight times its rescale factor.
-/// Runs the AVX2 build of the same code where the CPU has it (the wheel
-/// targets baseline x86-64); only the vector width differs, never a result.
-#[allow(clippy::too_many_arguments)]
-pub(super) fn write_span<T: Float>(
-    base: &[T],
-    models: &[&[T]],
-    reference: &[T],
-    start: usize,
-    masks: &mut [Mask],
-    scales: &[f32],
-    weights: &[f32],
-    p: &Params,
-    out: &mut [T],
-) -> Result<u64> {
-    #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU supports AVX2, checked just above.
-        return unsafe { write_span_avx2(base, models, reference, start, masks, scales, weights, p, out) };
-    }
-    write_span_body(base, models, reference, start, masks, scales, weights, p, out)
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn write_span_avx2<T: Float>(
-    base: &[T],
-    models: &[&[T]],
-    reference: &[T],
-    start: usize,
-    masks: &mut [Mask],
-    scales: &[f32],
-    weights: &[f32],
-    p: &Params,
-    out: &mut [T],
-) -> Result<u64> {
-    write_span_body(base, models, reference, start, masks, scales, weights, p, out)
-}
-
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn write_span_body<T: Float>(
-    base: &[T],
-    models: &[&[T]],
-    reference: &[T],
-    start: usize,
-    masks: &mut [Mask],
-    scales: &[f32],
-    weights: &[f32],
-    p: &Params,
-    out: &mut [T],
-) -> Result<u64> {
+multiversion! {
+    /// Writes the merged values of one span and returns how many differ from
+    /// `reference`. `scales[m]` is model m's weight times its rescale factor.
+    pub(super) fn write_span<T: Float>(
+        base: &[T],
+        models: &[&[T]],
+        reference: &[T],
+        start: usize,
+        masks: &mut [Mask],
+        scales: &[f32],
+        weights: &[f32],
+        p: &Params,
+        out: &mut [T],
+    ) -> Result<u64> {
     let nm = models.len();
     let mut blk = Block::new();
     // Weighted, masked deltas of every model for the current block.
@@ -243,6 +208,7 @@ fn write_span_body<T: Float>(
         changed += differ as u64;
     }
     Ok(changed)
+}
 }
 
 /// The error for NaN/Inf found in a block: the lowest index holding one, and

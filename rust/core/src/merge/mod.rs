@@ -39,6 +39,7 @@ use rayon::prelude::*;
 
 use crate::error::{check_len, Error, Result};
 use crate::select::{self, Cut, CutHistograms, Keys, RankCut, Rule};
+use crate::simd::multiversion;
 use crate::Float;
 use block::Mask;
 
@@ -232,17 +233,25 @@ impl<T: Float> Keys for DeltaKeys<'_, T> {
         for s in range.clone().step_by(KEYS) {
             let e = (s + KEYS).min(range.end);
             let keys = &mut buf[..e - s];
-            let mut nan = false;
-            for ((k, x), b) in keys.iter_mut().zip(&self.x[s..e]).zip(&self.base[s..e]) {
-                *k = T::key_of_f32(T::round_f32(x.to_f32() - b.to_f32()));
-                nan |= *k > inf;
-            }
-            if nan {
+            if delta_keys(&self.x[s..e], &self.base[s..e], keys) {
                 return Err(s + keys.iter().position(|&k| k > inf).unwrap_or(0));
             }
             f(keys);
         }
         Ok(())
+    }
+}
+
+multiversion! {
+    /// keys[j] = key of round(x[j] − base[j]); true if one is NaN.
+    fn delta_keys<T: Float>(x: &[T], base: &[T], keys: &mut [u32]) -> bool {
+        let inf = T::key_of_f32(f32::INFINITY);
+        let mut nan = false;
+        for ((k, x), b) in keys.iter_mut().zip(x).zip(base) {
+            *k = T::key_of_f32(T::round_f32(x.to_f32() - b.to_f32()));
+            nan |= *k > inf;
+        }
+        nan
     }
 }
 
