@@ -16,7 +16,7 @@ import yaml
 from .. import _core
 from .. import checkpoint as ckpt
 from .config import MergeConfig
-from .tensor import merge_terms, row_length
+from .tensor import merge_terms, merge_tensors, row_length
 
 TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 NAME_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
@@ -200,16 +200,57 @@ def _merge_one(cfg: MergeConfig, p, entries, writer, allow_nonfinite: bool, chun
         raise MergeError(f"tensor {p.name!r}: {msg} (inputs: {', '.join(paths)})") from None
 
 
+def _merge_on_device(cfg: MergeConfig, p, inputs, entries, writer, allow_nonfinite: bool, paths, device) -> int:
+    """Merges one float tensor in ferrox's CUDA kernels: the inputs are read
+    whole, moved to ``device``, merged there and written back."""
+    dtype = TORCH_DTYPES[NAME_DTYPES[cfg.dtype]] if cfg.dtype else None
+    tensors = [i.load(e) for i, e in zip(inputs, entries)]
+    tensors = [(t.to(dtype) if dtype is not None else t).to(device) for t in tensors]
+    base, models = (tensors[0], tensors[1:]) if cfg.base else (None, tensors)
+    try:
+        result = merge_tensors(
+            cfg.method, base, models,
+            weight=[m.params["weight"] for m in cfg.models],
+            density=[m.params.get("density", 1.0) for m in cfg.models],
+            gamma=[m.params.get("gamma", 0.01) for m in cfg.models],
+            lam=cfg.lam, normalize=cfg.normalize, rescale=cfg.rescale,
+            granularity=cfg.granularity, seed=cfg.seed, tensor_name=p.name,
+            check_finite=not allow_nonfinite,
+        )
+    except ValueError as e:
+        msg = str(e).replace("models[", "model[")
+        raise MergeError(f"tensor {p.name!r}: {msg} (inputs: {', '.join(paths)})") from None
+    ref = base if base is not None else models[0]
+    changed = int(torch.count_nonzero(result != ref))
+    writer.write(p.name, result.to(TORCH_DTYPES[p.dtype]).cpu())
+    return changed
+
+
+def _cuda_device(device: str):
+    if device == "cpu":
+        return None
+    if not torch.cuda.is_available():
+        raise MergeError(f"--device {device}: torch sees no CUDA device")
+    return torch.device(device)
+
+
 def merge_checkpoints(cfg: MergeConfig, out: str, *, force: bool = False, max_shard_elements: int = 5_000_000_000,
                       allow_nonfinite: bool = False, progress: Optional[bool] = None,
-                      chunk_bytes: int = CHUNK_BYTES) -> MergeReport:
+                      chunk_bytes: int = CHUNK_BYTES, device: str = "cpu") -> MergeReport:
     """Runs a merge config and writes the merged model to ``out``.
 
-    Each tensor is merged by the Rust core straight from the input files,
-    chunk by chunk (positioned reads into reusable buffers of about
+    On the CPU each tensor is merged by the Rust core straight from the input
+    files, chunk by chunk (positioned reads into reusable buffers of about
     ``chunk_bytes`` in all), and written at its precomputed offset in the
-    output, so memory stays bounded whatever the model's size."""
+    output, so memory stays bounded whatever the model's size. With
+    ``device="cuda"`` (or ``"cuda:N"``) each tensor is moved to the GPU and
+    merged by ferrox's CUDA kernels (bitwise the CPU result; whole-tensor
+    granularity only)."""
     from tqdm import tqdm
+
+    gpu = _cuda_device(device)
+    if gpu is not None and cfg.granularity == "row":
+        raise MergeError("granularity: 'row' runs on the CPU only; use --device cpu or granularity 'tensor'")
 
     start = time.perf_counter()
     paths = ([cfg.base] if cfg.base else []) + [m.path for m in cfg.models]
@@ -231,6 +272,10 @@ def merge_checkpoints(cfg: MergeConfig, out: str, *, force: bool = False, max_sh
                     if entries[0].dtype not in TORCH_DTYPES:
                         writer.write(p.name, inputs[0].load(entries[0]))  # integer buffers: the reference model's
                         copied += 1
+                    elif gpu is not None:
+                        changed = _merge_on_device(cfg, p, inputs, entries, writer, allow_nonfinite, paths, gpu)
+                        density[p.name] = changed / max(1, _numel(p.shape))
+                        merged += 1
                     else:
                         changed = _merge_one(cfg, p, entries, writer, allow_nonfinite, chunk_bytes, paths)
                         density[p.name] = changed / max(1, _numel(p.shape))

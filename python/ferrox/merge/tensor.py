@@ -6,6 +6,7 @@ from typing import Optional, Sequence
 import torch
 
 from .. import _checks, _core
+from ..cuda import stream_of
 from .methods import MergeMethod, get_method
 
 GRANULARITIES = ("tensor", "row")
@@ -57,7 +58,9 @@ def merge_tensors(
     ``granularity="row"`` ranks |τ| within each row of the last dimension
     (the Breadcrumbs paper); ``"tensor"`` over the whole tensor (mergekit).
     ``chunk_len`` (elements, 0 = default) only changes how the work is
-    streamed, never the result.
+    streamed, never the result. CUDA tensors merge in ferrox's kernels on
+    torch's current stream, bitwise the CPU result (``granularity="tensor"``
+    only).
     """
     m: MergeMethod = method if isinstance(method, MergeMethod) else get_method(method)
     models = list(models)
@@ -75,12 +78,12 @@ def merge_tensors(
                         tensor_name=tensor_name)
     row_len = row_length(granularity, tuple(base.shape))
     if out is None:
-        out = torch.empty(base.shape, dtype=base.dtype)
+        out = torch.empty(base.shape, dtype=base.dtype, device=base.device)
     _core.merge_tensor(
         out, base, models, *terms, m.consensus,
         m.normalize if normalize is None else bool(normalize),
         m.rescale if rescale is None else bool(rescale),
-        float(lam), row_len, check_finite, chunk_len,
+        float(lam), row_len, check_finite, chunk_len, stream_of(base),
     )
     return out
 

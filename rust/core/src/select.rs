@@ -313,16 +313,39 @@ impl CutHistograms {
     /// Counts one piece in the second pass (after every piece was counted by
     /// `count_high`, which refused NaN).
     pub fn count_low<K: Keys + ?Sized>(&mut self, x: &K) {
+        let highs = self.low_pass_highs();
+        for (acc, h) in self.lows.iter_mut().zip(low_histograms(x, &highs)) {
+            acc.iter_mut().zip(h.iter()).for_each(|(a, b)| *a += b);
+        }
+    }
+
+    /// Adds a first-pass histogram counted elsewhere (on a GPU): counts of
+    /// `(key >> shift) & 0x7fff`, with shift 16 for 31-bit keys, else 0.
+    pub fn add_high_counts(&mut self, counts: &[u64]) {
+        self.high.iter_mut().zip(counts).for_each(|(a, b)| *a += b);
+    }
+
+    /// For the second pass, the high half each rank's keys must have
+    /// (u32::MAX, which matches none, for rank 0).
+    pub fn low_pass_highs(&mut self) -> Vec<u32> {
         if self.coarse.is_empty() {
             let high = &self.high;
             self.coarse = self.ranks.iter().map(|&r| (r > 0).then(|| descend(&high[..], r))).collect();
             self.lows = self.ranks.iter().map(|_| zeroed()).collect();
         }
-        // u32::MAX matches no key's high half, so r = 0 counts nothing.
-        let highs: Vec<u32> = self.coarse.iter().map(|c| c.map_or(u32::MAX, |(bin, _)| bin as u32)).collect();
-        for (acc, h) in self.lows.iter_mut().zip(low_histograms(x, &highs)) {
-            acc.iter_mut().zip(h.iter()).for_each(|(a, b)| *a += b);
-        }
+        self.coarse.iter().map(|c| c.map_or(u32::MAX, |(bin, _)| bin as u32)).collect()
+    }
+
+    /// Adds rank `m`'s second-pass counts (of `key & 0xffff` among keys whose
+    /// high half is `low_pass_highs()[m]`) counted elsewhere.
+    pub fn add_low_counts(&mut self, m: usize, counts: &[u64]) {
+        self.low_pass_highs();
+        self.lows[m].iter_mut().zip(counts).for_each(|(a, b)| *a += b);
+    }
+
+    /// The shift of the first pass's bins: 16 for 31-bit keys, else 0.
+    pub fn high_shift(&self) -> u32 {
+        self.shift()
     }
 
     /// The cut of each rank (each 0 <= r <= number of keys counted).

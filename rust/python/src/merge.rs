@@ -8,7 +8,7 @@ use pyo3::prelude::*;
 
 use crate::error::to_py;
 use crate::runtime::compute;
-use crate::tensor::Tensor;
+use crate::tensor::{Device, Tensor};
 use crate::with_float;
 
 /// One model's sparsifier as passed from Python: (kind, density, gamma, seed, stream).
@@ -44,7 +44,7 @@ fn params(consensus: bool, normalize: bool, rescale: bool, lam: f32, row_len: us
 /// many elements differ from the base.
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
-#[pyo3(signature = (out, base, models, weights, sparsify, consensus, normalize, rescale, lam, row_len, check_finite=true, chunk_len=0))]
+#[pyo3(signature = (out, base, models, weights, sparsify, consensus, normalize, rescale, lam, row_len, check_finite=true, chunk_len=0, stream=0))]
 pub fn merge_tensor(
     py: Python<'_>,
     out: &Bound<'_, PyAny>,
@@ -59,12 +59,12 @@ pub fn merge_tensor(
     row_len: usize,
     check_finite: bool,
     chunk_len: usize,
+    stream: u64,
 ) -> PyResult<u64> {
     let out = Tensor::output("out", out)?;
     let base = Tensor::input("base", base)?;
     let models = models.iter().map(|m| Tensor::input("models[i]", m)).collect::<PyResult<Vec<_>>>()?;
     let sparsifiers = (|| {
-        base.expect_cpu()?;
         base.expect_dtype(&[DType::F32, DType::F16, DType::BF16])?;
         base.expect_same(&out)?;
         for (i, m) in models.iter().enumerate() {
@@ -90,6 +90,18 @@ pub fn merge_tensor(
     .map_err(to_py)?;
     let params = params(consensus, normalize, rescale, lam, row_len, check_finite);
     let chunk_len = if chunk_len == 0 { merge::DEFAULT_CHUNK } else { chunk_len };
+    if let Device::Cuda(ordinal) = base.device {
+        let terms: Vec<Model> =
+            weights.iter().zip(&sparsifiers).map(|(&weight, &sparsify)| Model { weight, sparsify }).collect();
+        let model_ptrs: Vec<u64> = models.iter().map(|m| m.ptr).collect();
+        let (dtype, po, pb, numel) = (base.dtype, out.ptr, base.ptr, base.numel());
+        return compute(py, move || {
+            let t = merge::cuda::DeviceTensors { ordinal, stream, dtype, out: po, base: pb, models: &model_ptrs, numel };
+            // SAFETY: every tensor was checked to be a contiguous `dtype`
+            // tensor of `numel` elements on this device; `out` overlaps none.
+            unsafe { merge::cuda::merge_tensor(&t, &terms, &params) }.map(|s| s.changed)
+        });
+    }
     with_float!(base.dtype, "base", T => {
         let (b, o) = unsafe { (base.slice::<T>(), out.slice_mut::<T>()) };
         let terms: Vec<Term<'_, T>> = models

@@ -33,17 +33,37 @@ mod host_sim;
 
 const COMMON: &str = include_str!("../../../../cuda/common.cu");
 
+const PHILOX_CU: &str = include_str!("../../../../cuda/philox.cu");
+
 /// A kernel source and the `extern "C"` kernels it defines.
 struct Source {
     name: &'static str,
+    /// Another source this one builds on, compiled before it ("" for none).
+    prelude: &'static str,
     text: &'static str,
     kernels: &'static [&'static str],
 }
 
 const SOURCES: &[Source] = &[
-    Source { name: "ops.cu", text: include_str!("../../../../cuda/ops.cu"), kernels: &["axpby_f32", "axpby_f16", "axpby_bf16"] },
-    Source { name: "philox.cu", text: include_str!("../../../../cuda/philox.cu"), kernels: &["philox_uniform", "philox_normal"] },
+    Source { name: "ops.cu", prelude: "", text: include_str!("../../../../cuda/ops.cu"), kernels: &["axpby_f32", "axpby_f16", "axpby_bf16"] },
+    Source { name: "philox.cu", prelude: "", text: PHILOX_CU, kernels: &["philox_uniform", "philox_normal"] },
+    // The merge kernels draw DARE masks with philox.cu's functions.
+    Source {
+        name: "merge.cu",
+        prelude: PHILOX_CU,
+        text: include_str!("../../../../cuda/merge.cu"),
+        kernels: &[
+            "merge_first_nonfinite_f32", "merge_hist_f32", "merge_seg_ties_f32", "merge_mask_f32", "merge_l1_f32", "merge_write_f32",
+            "merge_first_nonfinite_f16", "merge_hist_f16", "merge_seg_ties_f16", "merge_mask_f16", "merge_l1_f16", "merge_write_f16",
+            "merge_first_nonfinite_bf16", "merge_hist_bf16", "merge_seg_ties_bf16", "merge_mask_bf16", "merge_l1_bf16", "merge_write_bf16",
+        ],
+    },
 ];
+
+/// Every kernel the sources define.
+pub(crate) fn kernel_names() -> impl Iterator<Item = &'static str> {
+    SOURCES.iter().flat_map(|s| s.kernels.iter().copied())
+}
 
 /// Threads per block of every launch.
 const THREADS: u32 = 256;
@@ -431,7 +451,7 @@ fn compile(src: &Source, arch: &str) -> Result<Compiled> {
     check_arch(arch)?;
     let nv = nvrtc_lib()?;
     guarded(&format!("NVRTC compiling {}", src.name), || {
-        let text = CString::new(format!("{COMMON}\n{}", src.text)).map_err(|e| Error::Cuda(format!("{}: {e}", src.name)))?;
+        let text = CString::new(format!("{COMMON}\n{}\n{}", src.prelude, src.text)).map_err(|e| Error::Cuda(format!("{}: {e}", src.name)))?;
         let name = CString::new(src.name).map_err(|e| Error::Cuda(format!("{}: {e}", src.name)))?;
         let prog = nvrtc::create_program(&text, Some(&name)).map_err(|e| nvrtc_err("nvrtcCreateProgram", e))?;
         let mut opts = vec![format!("--gpu-architecture={arch}")];
@@ -646,7 +666,7 @@ fn device_kernels(ordinal: i32) -> Result<Arc<DeviceKernels>> {
 /// # Safety
 /// `params` point at the kernel's arguments, with the kernel's types; the
 /// device pointers among them are valid for what the kernel touches.
-unsafe fn launch(ordinal: i32, stream: u64, kernel: &'static str, items: u64, params: &mut [*mut c_void]) -> Result<()> {
+pub(crate) unsafe fn launch(ordinal: i32, stream: u64, kernel: &'static str, items: u64, params: &mut [*mut c_void]) -> Result<()> {
     if ordinal < 0 {
         return Err(Error::Value(format!("device: cuda:{ordinal} does not exist")));
     }
@@ -663,11 +683,79 @@ unsafe fn launch(ordinal: i32, stream: u64, kernel: &'static str, items: u64, pa
     })
 }
 
-fn arg<T>(v: &mut T) -> *mut c_void {
+pub(crate) fn arg<T>(v: &mut T) -> *mut c_void {
     v as *mut T as *mut c_void
 }
 
-fn check_ptr(what: &str, p: u64) -> Result<()> {
+/// Scratch memory on one device for multi-kernel algorithms (histograms,
+/// masks, counters), freed when dropped. Copies wait for `stream`, so they
+/// are ordered after the kernels queued there.
+pub(crate) struct DeviceBuffer {
+    ordinal: i32,
+    ptr: u64,
+    bytes: usize,
+}
+
+impl DeviceBuffer {
+    /// `bytes` of zeroed device memory (at least 1 byte is allocated).
+    pub(crate) fn zeroed(ordinal: i32, bytes: usize) -> Result<Self> {
+        driver()?;
+        let dk = device_kernels(ordinal)?;
+        let _current = CurrentCtx::enter(dk.ctx)?;
+        // SAFETY: allocation and memset of memory we own, in the device's context.
+        let ptr = unsafe { drv::malloc_sync(bytes.max(1)) }.map_err(|e| driver_err("cuMemAlloc", e))?;
+        let buf = DeviceBuffer { ordinal, ptr, bytes };
+        unsafe { drv::memset_d8_sync(ptr, 0, bytes.max(1)) }.map_err(|e| driver_err("cuMemsetD8", e))?;
+        Ok(buf)
+    }
+
+    /// A buffer holding `values`.
+    pub(crate) fn from_slice<T: Copy>(ordinal: i32, values: &[T]) -> Result<Self> {
+        let buf = DeviceBuffer::zeroed(ordinal, std::mem::size_of_val(values))?;
+        if !values.is_empty() {
+            let dk = device_kernels(ordinal)?;
+            let _current = CurrentCtx::enter(dk.ctx)?;
+            // SAFETY: the buffer holds exactly `values`' bytes.
+            unsafe { drv::memcpy_htod_sync(buf.ptr, values) }.map_err(|e| driver_err("cuMemcpyHtoD", e))?;
+        }
+        Ok(buf)
+    }
+
+    pub(crate) fn ptr(&self) -> u64 {
+        self.ptr
+    }
+
+    /// The buffer's contents as `len` values of T, after the work queued on
+    /// `stream` has finished.
+    pub(crate) fn read<T: Copy + Default>(&self, stream: u64, len: usize) -> Result<Vec<T>> {
+        assert!(len * std::mem::size_of::<T>() <= self.bytes, "read past a device buffer");
+        let dk = device_kernels(self.ordinal)?;
+        let _current = CurrentCtx::enter(dk.ctx)?;
+        let mut out = vec![T::default(); len];
+        // SAFETY: a stream of this device's context; the copy stays in bounds.
+        unsafe {
+            drv::stream::synchronize(stream as usize as dsys::CUstream).map_err(|e| driver_err("cuStreamSynchronize", e))?;
+            if len > 0 {
+                drv::memcpy_dtoh_sync(&mut out, self.ptr).map_err(|e| driver_err("cuMemcpyDtoH", e))?;
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl Drop for DeviceBuffer {
+    fn drop(&mut self) {
+        if let Ok(dk) = device_kernels(self.ordinal) {
+            if let Ok(_current) = CurrentCtx::enter(dk.ctx) {
+                // cuMemFree waits for work using the memory to finish.
+                // SAFETY: allocated by `zeroed`, freed once.
+                let _ = unsafe { drv::free_sync(self.ptr) };
+            }
+        }
+    }
+}
+
+pub(crate) fn check_ptr(what: &str, p: u64) -> Result<()> {
     if p == 0 {
         Err(Error::Value(format!("{what}: null device pointer")))
     } else {

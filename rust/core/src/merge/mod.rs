@@ -31,6 +31,8 @@
 
 
 mod block;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 mod source;
 
 use std::ops::Range;
