@@ -80,13 +80,13 @@ struct Buf {
     }
 };
 
-static void read_all(void* dst, size_t bytes) {
+[[maybe_unused]] static void read_all(void* dst, size_t bytes) {
     if (bytes && std::fread(dst, 1, bytes, stdin) != bytes) {
         std::fprintf(stderr, "short input\n");
         std::exit(2);
     }
 }
-static void write_all(const void* src, size_t bytes) {
+[[maybe_unused]] static void write_all(const void* src, size_t bytes) {
     if (bytes && std::fwrite(src, 1, bytes, stdout) != bytes) std::exit(3);
 }
 
@@ -108,6 +108,57 @@ static int run_axpby(char** argv, K kernel) {
     return 0;
 }
 
+#ifdef FERROX_SIM_LIB
+// The library build: kernels launched by name with cuLaunchKernel's
+// convention (params[i] points at argument i), so the Rust merge driver runs
+// unchanged against the simulation.
+#define P(i, T) (*(T*)params[i])
+#define SIM_MERGE(SUFFIX, T)                                                                                       \
+    if (!std::strcmp(name, "merge_first_nonfinite_" #SUFFIX)) {                                                    \
+        launch(grid, [&] { merge_first_nonfinite_##SUFFIX(P(0, const T*), P(1, u64), P(2, unsigned long long*)); }); \
+        return 0;                                                                                                  \
+    }                                                                                                              \
+    if (!std::strcmp(name, "merge_hist_" #SUFFIX)) {                                                               \
+        launch(grid, [&] {                                                                                         \
+            merge_hist_##SUFFIX(P(0, const T*), P(1, const T*), P(2, u64), P(3, u32), P(4, u32),                   \
+                                P(5, unsigned long long*), P(6, unsigned long long*));                             \
+        });                                                                                                        \
+        return 0;                                                                                                  \
+    }                                                                                                              \
+    if (!std::strcmp(name, "merge_seg_ties_" #SUFFIX)) {                                                           \
+        launch(grid, [&] { merge_seg_ties_##SUFFIX(P(0, const T*), P(1, const T*), P(2, u64), P(3, u32), P(4, u32*)); }); \
+        return 0;                                                                                                  \
+    }                                                                                                              \
+    if (!std::strcmp(name, "merge_mask_" #SUFFIX)) {                                                               \
+        launch(grid, [&] {                                                                                         \
+            merge_mask_##SUFFIX(P(0, const T*), P(1, const T*), P(2, u64), P(3, u32), P(4, u32), P(5, u64),        \
+                                P(6, const u64*), P(7, u32), P(8, u64), P(9, const u64*), P(10, float), P(11, u64), \
+                                P(12, u64), P(13, unsigned char*));                                                \
+        });                                                                                                        \
+        return 0;                                                                                                  \
+    }                                                                                                              \
+    if (!std::strcmp(name, "merge_l1_" #SUFFIX)) {                                                                 \
+        launch(grid, [&] {                                                                                         \
+            merge_l1_##SUFFIX(P(0, const T*), P(1, const T*), P(2, u64), P(3, const unsigned char*), P(4, double*)); \
+        });                                                                                                        \
+        return 0;                                                                                                  \
+    }                                                                                                              \
+    if (!std::strcmp(name, "merge_write_" #SUFFIX)) {                                                              \
+        launch(grid, [&] {                                                                                         \
+            merge_write_##SUFFIX(P(0, T*), P(1, const T*), P(2, const T*), P(3, const u64*), P(4, const u64*),     \
+                                 P(5, const float*), P(6, const float*), P(7, u32), P(8, u64), P(9, u32),          \
+                                 P(10, u32), P(11, float), P(12, float), P(13, unsigned long long*));              \
+        });                                                                                                        \
+        return 0;                                                                                                  \
+    }
+
+extern "C" int sim_launch(const char* name, unsigned grid, void** params) {
+    SIM_MERGE(f32, float)
+    SIM_MERGE(f16, f16_t)
+    SIM_MERGE(bf16, bf16_t)
+    return 1;
+}
+#else
 int main(int argc, char** argv) {
     if (argc < 2) return 1;
     const char* cmd = argv[1];
@@ -150,3 +201,4 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "bad command\n");
     return 1;
 }
+#endif

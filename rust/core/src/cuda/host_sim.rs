@@ -21,41 +21,48 @@ const HARNESS: &str = include_str!("host_sim.cpp");
 /// directory under a hash of its source, so reruns reuse it).
 fn sim() -> Option<&'static PathBuf> {
     static EXE: OnceLock<Option<PathBuf>> = OnceLock::new();
-    EXE.get_or_init(|| {
-        let kernels: Vec<&str> = std::iter::once(COMMON).chain(SOURCES.iter().map(|s| s.text)).collect();
-        let source = HARNESS.replace("// @@KERNELS@@", &kernels.join("\n"));
-        let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        (&source, &cxx).hash(&mut h);
-        let dir = std::env::temp_dir().join(format!("ferrox-host-sim-{:016x}", h.finish()));
-        let exe = dir.join("sim");
-        if exe.exists() {
-            return Some(exe);
+    EXE.get_or_init(|| build(&[])).as_ref()
+}
+
+/// The simulator as a shared library exporting `sim_launch`.
+pub(crate) fn sim_library() -> Option<&'static PathBuf> {
+    static LIB: OnceLock<Option<PathBuf>> = OnceLock::new();
+    LIB.get_or_init(|| build(&["-shared", "-fPIC", "-DFERROX_SIM_LIB"])).as_ref()
+}
+
+fn build(extra: &[&str]) -> Option<PathBuf> {
+    let kernels: Vec<&str> = std::iter::once(COMMON).chain(SOURCES.iter().map(|s| s.text)).collect();
+    let source = HARNESS.replace("// @@KERNELS@@", &kernels.join("\n"));
+    let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (&source, &cxx, extra).hash(&mut h);
+    let dir = std::env::temp_dir().join(format!("ferrox-host-sim-{:016x}", h.finish()));
+    let exe = dir.join("sim");
+    if exe.exists() {
+        return Some(exe);
+    }
+    std::fs::create_dir_all(&dir).unwrap();
+    let pid = std::process::id();
+    let cpp = dir.join(format!("sim-{pid}.cpp"));
+    let tmp = dir.join(format!("sim-{pid}"));
+    std::fs::write(&cpp, &source).unwrap();
+    let flags = ["-std=c++17", "-O2", "-ffp-contract=off", "-fno-fast-math", "-Wall", "-Wextra", "-Wno-unknown-pragmas"];
+    let out = match Command::new(&cxx).args(flags).args(extra).arg("-o").arg(&tmp).arg(&cpp).output() {
+        Ok(out) => out,
+        Err(e) => {
+            eprintln!("skipping host simulation: cannot run {cxx}: {e}");
+            return None;
         }
-        std::fs::create_dir_all(&dir).unwrap();
-        let pid = std::process::id();
-        let cpp = dir.join(format!("sim-{pid}.cpp"));
-        let tmp = dir.join(format!("sim-{pid}"));
-        std::fs::write(&cpp, &source).unwrap();
-        let flags = ["-std=c++17", "-O2", "-ffp-contract=off", "-fno-fast-math", "-Wall", "-Wextra", "-Wno-unknown-pragmas"];
-        let out = match Command::new(&cxx).args(flags).arg("-o").arg(&tmp).arg(&cpp).output() {
-            Ok(out) => out,
-            Err(e) => {
-                eprintln!("skipping host simulation: cannot run {cxx}: {e}");
-                return None;
-            }
-        };
-        let _ = std::fs::remove_file(&cpp);
-        let log = String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success(), "the kernel sources do not compile as host C++:\n{log}");
-        if !log.trim().is_empty() {
-            eprintln!("host C++ warnings on the kernel sources:\n{log}");
-        }
-        // Atomic, so concurrent test runs never see a half-written binary.
-        std::fs::rename(&tmp, &exe).unwrap();
-        Some(exe)
-    })
-    .as_ref()
+    };
+    let _ = std::fs::remove_file(&cpp);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "the kernel sources do not compile as host C++:\n{log}");
+    if !log.trim().is_empty() {
+        eprintln!("host C++ warnings on the kernel sources:\n{log}");
+    }
+    // Atomic, so concurrent test runs never see a half-written binary.
+    std::fs::rename(&tmp, &exe).unwrap();
+    Some(exe)
 }
 
 fn run(args: &[String], input: Vec<u8>) -> Vec<u8> {

@@ -29,7 +29,7 @@ use crate::error::{Error, Result};
 use crate::DType;
 
 #[cfg(test)]
-mod host_sim;
+pub(crate) mod host_sim;
 
 const COMMON: &str = include_str!("../../../../cuda/common.cu");
 

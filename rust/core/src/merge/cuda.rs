@@ -22,6 +22,46 @@ const LANES: usize = 8;
 /// Models one fused write can take (MERGE_MAX_MODELS).
 const MAX_MODELS: usize = 64;
 
+/// What the merge needs from a device: scratch memory, copies back, and
+/// launches with cuLaunchKernel's parameter convention. The CUDA device is
+/// one; the host simulation of the kernels (tests) is the other.
+pub(crate) trait Device {
+    type Buffer;
+    fn zeroed(&self, bytes: usize) -> Result<Self::Buffer>;
+    fn from_slice<T: Copy>(&self, values: &[T]) -> Result<Self::Buffer>;
+    fn ptr(&self, b: &Self::Buffer) -> u64;
+    /// `len` values from the buffer, after every queued launch finished.
+    fn read<T: Copy + Default>(&self, b: &Self::Buffer, len: usize) -> Result<Vec<T>>;
+    /// # Safety
+    /// `params` point at `kernel`'s arguments with its types; addresses among
+    /// them are valid for what the kernel touches.
+    unsafe fn launch(&self, kernel: &'static str, items: u64, params: &mut [*mut c_void]) -> Result<()>;
+}
+
+struct Cuda {
+    ordinal: i32,
+    stream: u64,
+}
+
+impl Device for Cuda {
+    type Buffer = DeviceBuffer;
+    fn zeroed(&self, bytes: usize) -> Result<DeviceBuffer> {
+        DeviceBuffer::zeroed(self.ordinal, bytes)
+    }
+    fn from_slice<T: Copy>(&self, values: &[T]) -> Result<DeviceBuffer> {
+        DeviceBuffer::from_slice(self.ordinal, values)
+    }
+    fn ptr(&self, b: &DeviceBuffer) -> u64 {
+        b.ptr()
+    }
+    fn read<T: Copy + Default>(&self, b: &DeviceBuffer, len: usize) -> Result<Vec<T>> {
+        b.read(self.stream, len)
+    }
+    unsafe fn launch(&self, kernel: &'static str, items: u64, params: &mut [*mut c_void]) -> Result<()> {
+        launch(self.ordinal, self.stream, kernel, items, params)
+    }
+}
+
 /// Device addresses of one tensor merge's operands.
 #[derive(Clone, Copy, Debug)]
 pub struct DeviceTensors<'a> {
@@ -66,6 +106,14 @@ fn kernel(step: &str, dtype: DType) -> Result<&'static str> {
 /// `t.ordinal` and stays valid until the work queued on `t.stream` is done;
 /// `out` overlaps no input.
 pub unsafe fn merge_tensor(t: &DeviceTensors<'_>, models: &[Model], p: &Params) -> Result<MergeStats> {
+    merge_on(&Cuda { ordinal: t.ordinal, stream: t.stream }, t, models, p)
+}
+
+/// `merge_tensor` on any `Device`.
+///
+/// # Safety
+/// As `merge_tensor`, for addresses of `dev`.
+pub(crate) unsafe fn merge_on<D: Device>(dev: &D, t: &DeviceTensors<'_>, models: &[Model], p: &Params) -> Result<MergeStats> {
     super::validate(models, t.models.len(), t.numel, p)?;
     if let Granularity::Row(_) = p.granularity {
         return Err(Error::Value(
@@ -83,36 +131,36 @@ pub unsafe fn merge_tensor(t: &DeviceTensors<'_>, models: &[Model], p: &Params) 
         return Ok(MergeStats::default());
     }
     if p.check_finite {
-        check_finite(t)?;
+        check_finite(dev, t)?;
     }
-    let mut keeps: Vec<Option<DeviceBuffer>> = Vec::with_capacity(models.len());
+    let mut keeps: Vec<Option<D::Buffer>> = Vec::with_capacity(models.len());
     for (m, model) in models.iter().enumerate() {
-        keeps.push(mask(t, m, model)?);
+        keeps.push(mask(dev, t, m, model)?);
     }
     let weights: Vec<f32> = models.iter().map(|m| m.weight).collect();
     let mut scales = weights.clone();
     if p.rescale {
         for (m, model) in models.iter().enumerate() {
             if model.sparsify != Sparsify::Keep {
-                scales[m] *= rescale_factor(l1_sums(t, m, keeps[m].as_ref())?);
+                scales[m] *= rescale_factor(l1_sums(dev, t, m, keeps[m].as_ref())?);
             }
         }
     }
-    write(t, &keeps, &scales, &weights, p)
+    write(dev, t, &keeps, &scales, &weights, p)
 }
 
 /// Refuses NaN/Inf, naming the lowest index and the first input holding it
 /// there (base, then models), as the CPU does.
-unsafe fn check_finite(t: &DeviceTensors<'_>) -> Result<()> {
+unsafe fn check_finite<D: Device>(dev: &D, t: &DeviceTensors<'_>) -> Result<()> {
     let k = kernel("first_nonfinite", t.dtype)?;
     let inputs = std::iter::once(("base".to_string(), t.base))
         .chain(t.models.iter().enumerate().map(|(m, &x)| (format!("models[{m}]"), x)));
     let mut worst: Option<(u64, String)> = None;
     for (name, ptr) in inputs {
-        let first = DeviceBuffer::from_slice(t.ordinal, &[u64::MAX])?;
-        let (mut x, mut n, mut f) = (ptr, t.numel as u64, first.ptr());
-        launch(t.ordinal, t.stream, k, t.numel as u64, &mut [arg(&mut x), arg(&mut n), arg(&mut f)])?;
-        let i = first.read::<u64>(t.stream, 1)?[0];
+        let first = dev.from_slice(&[u64::MAX])?;
+        let (mut x, mut n, mut f) = (ptr, t.numel as u64, dev.ptr(&first));
+        dev.launch(k, t.numel as u64, &mut [arg(&mut x), arg(&mut n), arg(&mut f)])?;
+        let i = dev.read::<u64>(&first, 1)?[0];
         if i != u64::MAX && worst.as_ref().is_none_or(|(w, _)| i < *w) {
             worst = Some((i, name));
         }
@@ -124,45 +172,45 @@ unsafe fn check_finite(t: &DeviceTensors<'_>) -> Result<()> {
 }
 
 /// One model's keep mask (None: keeps everything).
-unsafe fn mask(t: &DeviceTensors<'_>, m: usize, model: &Model) -> Result<Option<DeviceBuffer>> {
+unsafe fn mask<D: Device>(dev: &D, t: &DeviceTensors<'_>, m: usize, model: &Model) -> Result<Option<D::Buffer>> {
     let n = t.numel;
     let (kind, cuts, threshold, seed, stream) = match model.sparsify {
         Sparsify::Random { density, seed, stream } if density < 1.0 => (2u32, [Cut::EMPTY; 2], density as f32, seed, stream),
         s => match tensor_band(&s, n) {
-            Some((lo, hi)) => (1u32, cuts(t, m, lo, hi)?, 0.0, 0, 0),
+            Some((lo, hi)) => (1u32, cuts(dev, t, m, lo, hi)?, 0.0, 0, 0),
             None => return Ok(None),
         },
     };
-    let keep = DeviceBuffer::zeroed(t.ordinal, n)?;
+    let keep = dev.zeroed(n)?;
     // Tie ordinals at every segment start, for the cuts where they matter.
-    let seen: Vec<Option<DeviceBuffer>> = cuts.iter().map(|c| seg_starts(t, m, c)).collect::<Result<_>>()?;
-    let seen_ptr = |j: usize| seen[j].as_ref().map_or(0, |b| b.ptr());
+    let seen: Vec<Option<D::Buffer>> = cuts.iter().map(|c| seg_starts(dev, t, m, c)).collect::<Result<_>>()?;
+    let seen_ptr = |j: usize| seen[j].as_ref().map_or(0, |b| dev.ptr(b));
     let (mut base, mut x, mut nn, mut kind) = (t.base, t.models[m], n as u64, kind);
     let (mut hi_key, mut hi_ties, mut hi_seen) = (cuts[1].cut.key, cuts[1].cut.ties as u64, seen_ptr(1));
     let (mut lo_key, mut lo_ties, mut lo_seen) = (cuts[0].cut.key, cuts[0].cut.ties as u64, seen_ptr(0));
-    let (mut threshold, mut seed, mut rs, mut out) = (threshold, seed, stream, keep.ptr());
+    let (mut threshold, mut seed, mut rs, mut out) = (threshold, seed, stream, dev.ptr(&keep));
     let mut params: [*mut c_void; 14] = [
         arg(&mut base), arg(&mut x), arg(&mut nn), arg(&mut kind),
         arg(&mut hi_key), arg(&mut hi_ties), arg(&mut hi_seen),
         arg(&mut lo_key), arg(&mut lo_ties), arg(&mut lo_seen),
         arg(&mut threshold), arg(&mut seed), arg(&mut rs), arg(&mut out),
     ];
-    launch(t.ordinal, t.stream, kernel("mask", t.dtype)?, n.div_ceil(SEG) as u64, &mut params)?;
+    dev.launch(kernel("mask", t.dtype)?, n.div_ceil(SEG) as u64, &mut params)?;
     // The kernel reads `seen` asynchronously: wait before the buffers drop.
-    keep.read::<u8>(t.stream, 0)?;
+    dev.read::<u8>(&keep, 0)?;
     Ok(Some(keep))
 }
 
 /// The [lo, hi] rank cuts of model m's deltas from device histograms.
-unsafe fn cuts(t: &DeviceTensors<'_>, m: usize, lo: usize, hi: usize) -> Result<[Cut; 2]> {
+unsafe fn cuts<D: Device>(dev: &D, t: &DeviceTensors<'_>, m: usize, lo: usize, hi: usize) -> Result<[Cut; 2]> {
     let bits = key_bits(t.dtype);
     let mut h = CutHistograms::new(&[lo, hi], bits);
-    let high = hist(t, m, h.high_shift(), u32::MAX, 1 << 15)?;
+    let high = hist(dev, t, m, h.high_shift(), u32::MAX, 1 << 15)?;
     h.add_high_counts(&high);
     if h.needs_low_pass() {
         for (j, target) in h.low_pass_highs().into_iter().enumerate() {
             if target != u32::MAX {
-                let low = hist(t, m, 0, target, 1 << 16)?;
+                let low = hist(dev, t, m, 0, target, 1 << 16)?;
                 h.add_low_counts(j, &low);
             }
         }
@@ -171,34 +219,34 @@ unsafe fn cuts(t: &DeviceTensors<'_>, m: usize, lo: usize, hi: usize) -> Result<
     Ok([c[0], c[1]])
 }
 
-unsafe fn hist(t: &DeviceTensors<'_>, m: usize, shift: u32, high: u32, bins: usize) -> Result<Vec<u64>> {
-    let counts = DeviceBuffer::zeroed(t.ordinal, bins * 8)?;
-    let first_nan = DeviceBuffer::from_slice(t.ordinal, &[u64::MAX])?;
+unsafe fn hist<D: Device>(dev: &D, t: &DeviceTensors<'_>, m: usize, shift: u32, high: u32, bins: usize) -> Result<Vec<u64>> {
+    let counts = dev.zeroed(bins * 8)?;
+    let first_nan = dev.from_slice(&[u64::MAX])?;
     let (mut base, mut x, mut n, mut shift, mut high) = (t.base, t.models[m], t.numel as u64, shift, high);
-    let (mut h, mut f) = (counts.ptr(), first_nan.ptr());
+    let (mut h, mut f) = (dev.ptr(&counts), dev.ptr(&first_nan));
     let mut params = [arg(&mut base), arg(&mut x), arg(&mut n), arg(&mut shift), arg(&mut high), arg(&mut h), arg(&mut f)];
-    launch(t.ordinal, t.stream, kernel("hist", t.dtype)?, t.numel as u64, &mut params)?;
-    let nan = first_nan.read::<u64>(t.stream, 1)?[0];
+    dev.launch(kernel("hist", t.dtype)?, t.numel as u64, &mut params)?;
+    let nan = dev.read::<u64>(&first_nan, 1)?[0];
     if nan != u64::MAX {
         return Err(Error::Value(format!("models[{m}]: the delta from the base is NaN at flat index {nan}")));
     }
-    counts.read::<u64>(t.stream, bins)
+    dev.read::<u64>(&counts, bins)
 }
 
 /// For a partial cut, the tie ordinal at every segment start (counted on the
 /// device, prefix-summed here); None when ordinals cannot matter.
-unsafe fn seg_starts(t: &DeviceTensors<'_>, m: usize, cut: &Cut) -> Result<Option<DeviceBuffer>> {
+unsafe fn seg_starts<D: Device>(dev: &D, t: &DeviceTensors<'_>, m: usize, cut: &Cut) -> Result<Option<D::Buffer>> {
     if !cut.partial() {
         return Ok(None);
     }
     let segs = t.numel.div_ceil(SEG);
-    let counts = DeviceBuffer::zeroed(t.ordinal, segs * 4)?;
-    let (mut base, mut x, mut n, mut key, mut c) = (t.base, t.models[m], t.numel as u64, cut.cut.key, counts.ptr());
+    let counts = dev.zeroed(segs * 4)?;
+    let (mut base, mut x, mut n, mut key, mut c) = (t.base, t.models[m], t.numel as u64, cut.cut.key, dev.ptr(&counts));
     let mut params = [arg(&mut base), arg(&mut x), arg(&mut n), arg(&mut key), arg(&mut c)];
-    launch(t.ordinal, t.stream, kernel("seg_ties", t.dtype)?, segs as u64, &mut params)?;
+    dev.launch(kernel("seg_ties", t.dtype)?, segs as u64, &mut params)?;
     let mut seen = 0u64;
-    let starts: Vec<u64> = counts
-        .read::<u32>(t.stream, segs)?
+    let starts: Vec<u64> = dev
+        .read::<u32>(&counts, segs)?
         .into_iter()
         .map(|c| {
             let s = seen;
@@ -206,19 +254,19 @@ unsafe fn seg_starts(t: &DeviceTensors<'_>, m: usize, cut: &Cut) -> Result<Optio
             s
         })
         .collect();
-    Ok(Some(DeviceBuffer::from_slice(t.ordinal, &starts)?))
+    Ok(Some(dev.from_slice(&starts)?))
 }
 
 /// Σ|τ| and Σ|kept τ| of model m, added in the CPU's order: lanes within a
 /// unit, then units in index order.
-unsafe fn l1_sums(t: &DeviceTensors<'_>, m: usize, keep: Option<&DeviceBuffer>) -> Result<(f64, f64)> {
+unsafe fn l1_sums<D: Device>(dev: &D, t: &DeviceTensors<'_>, m: usize, keep: Option<&D::Buffer>) -> Result<(f64, f64)> {
     let units = t.numel.div_ceil(UNIT);
-    let sums = DeviceBuffer::zeroed(t.ordinal, units * LANES * 2 * 8)?;
+    let sums = dev.zeroed(units * LANES * 2 * 8)?;
     let (mut base, mut x, mut n) = (t.base, t.models[m], t.numel as u64);
-    let (mut k, mut s) = (keep.map_or(0, |b| b.ptr()), sums.ptr());
+    let (mut k, mut s) = (keep.map_or(0, |b| dev.ptr(b)), dev.ptr(&sums));
     let mut params = [arg(&mut base), arg(&mut x), arg(&mut n), arg(&mut k), arg(&mut s)];
-    launch(t.ordinal, t.stream, kernel("l1", t.dtype)?, (units * LANES) as u64, &mut params)?;
-    let lanes = sums.read::<f64>(t.stream, units * LANES * 2)?;
+    dev.launch(kernel("l1", t.dtype)?, (units * LANES) as u64, &mut params)?;
+    let lanes = dev.read::<f64>(&sums, units * LANES * 2)?;
     let mut total = (0.0f64, 0.0f64);
     for unit in lanes.chunks(LANES * 2) {
         let all = unit.iter().step_by(2).fold(0.0f64, |a, &v| a + v);
@@ -228,37 +276,194 @@ unsafe fn l1_sums(t: &DeviceTensors<'_>, m: usize, keep: Option<&DeviceBuffer>) 
     Ok(total)
 }
 
-unsafe fn write(
+unsafe fn write<D: Device>(
+    dev: &D,
     t: &DeviceTensors<'_>,
-    keeps: &[Option<DeviceBuffer>],
+    keeps: &[Option<D::Buffer>],
     scales: &[f32],
     weights: &[f32],
     p: &Params,
 ) -> Result<MergeStats> {
-    let models = DeviceBuffer::from_slice(t.ordinal, t.models)?;
-    let keep_ptrs: Vec<u64> = keeps.iter().map(|k| k.as_ref().map_or(0, |b| b.ptr())).collect();
-    let keeps_dev = DeviceBuffer::from_slice(t.ordinal, &keep_ptrs)?;
-    let scales_dev = DeviceBuffer::from_slice(t.ordinal, scales)?;
-    let weights_dev = DeviceBuffer::from_slice(t.ordinal, weights)?;
-    let changed = DeviceBuffer::zeroed(t.ordinal, 8)?;
+    let models = dev.from_slice(t.models)?;
+    let keep_ptrs: Vec<u64> = keeps.iter().map(|k| k.as_ref().map_or(0, |b| dev.ptr(b))).collect();
+    let keeps_dev = dev.from_slice(&keep_ptrs)?;
+    let scales_dev = dev.from_slice(scales)?;
+    let weights_dev = dev.from_slice(weights)?;
+    let changed = dev.zeroed(8)?;
     let plain = weights.iter().fold(0.0f32, |a, &b| a + b);
     let plain = if plain.abs() < 1e-8 { 1.0f32 } else { plain };
     let (mut out, mut base, mut reference) = (t.out, t.base, t.base);
-    let (mut xs, mut ks, mut sc, mut ws) = (models.ptr(), keeps_dev.ptr(), scales_dev.ptr(), weights_dev.ptr());
+    let (mut xs, mut ks, mut sc, mut ws) = (dev.ptr(&models), dev.ptr(&keeps_dev), dev.ptr(&scales_dev), dev.ptr(&weights_dev));
     let (mut nm, mut n) = (t.models.len() as u32, t.numel as u64);
     let (mut consensus, mut normalize, mut lambda, mut plain, mut ch) =
-        (p.consensus as u32, p.normalize as u32, p.lambda, plain, changed.ptr());
+        (p.consensus as u32, p.normalize as u32, p.lambda, plain, dev.ptr(&changed));
     let mut params: [*mut c_void; 14] = [
         arg(&mut out), arg(&mut base), arg(&mut reference), arg(&mut xs), arg(&mut ks), arg(&mut sc), arg(&mut ws),
         arg(&mut nm), arg(&mut n), arg(&mut consensus), arg(&mut normalize), arg(&mut lambda), arg(&mut plain), arg(&mut ch),
     ];
-    launch(t.ordinal, t.stream, kernel("write", t.dtype)?, t.numel as u64, &mut params)?;
-    Ok(MergeStats { changed: changed.read::<u64>(t.stream, 1)?[0] })
+    dev.launch(kernel("write", t.dtype)?, t.numel as u64, &mut params)?;
+    Ok(MergeStats { changed: dev.read::<u64>(&changed, 1)?[0] })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::merge::{merge_tensor as cpu_merge, Term};
+    use crate::Float;
+    use half::{bf16, f16};
+
+    /// The kernels run on the host (`host_sim.cpp` built as a library): host
+    /// memory stands in for device memory, launches run every thread in turn.
+    struct Sim {
+        launch: libloading::Symbol<'static, unsafe extern "C" fn(*const std::ffi::c_char, u32, *mut *mut c_void) -> i32>,
+    }
+
+    impl Sim {
+        fn open() -> Option<Sim> {
+            let path = crate::cuda::host_sim::sim_library()?;
+            // SAFETY: our own harness library, kept loaded for the process.
+            let lib: &'static libloading::Library = Box::leak(Box::new(unsafe { libloading::Library::new(path) }.ok()?));
+            let launch = unsafe { lib.get(b"sim_launch\0") }.ok()?;
+            Some(Sim { launch })
+        }
+    }
+
+    impl Device for Sim {
+        type Buffer = Vec<u64>;
+        fn zeroed(&self, bytes: usize) -> Result<Vec<u64>> {
+            Ok(vec![0; bytes.div_ceil(8).max(1)])
+        }
+        fn from_slice<T: Copy>(&self, values: &[T]) -> Result<Vec<u64>> {
+            let mut b = self.zeroed(std::mem::size_of_val(values))?;
+            // SAFETY: the buffer has room for `values`' bytes.
+            unsafe { std::ptr::copy_nonoverlapping(values.as_ptr().cast::<u8>(), b.as_mut_ptr().cast::<u8>(), std::mem::size_of_val(values)) };
+            Ok(b)
+        }
+        fn ptr(&self, b: &Vec<u64>) -> u64 {
+            b.as_ptr() as u64
+        }
+        fn read<T: Copy + Default>(&self, b: &Vec<u64>, len: usize) -> Result<Vec<T>> {
+            let mut out = vec![T::default(); len];
+            // SAFETY: callers read within what they allocated.
+            unsafe { std::ptr::copy_nonoverlapping(b.as_ptr().cast::<T>(), out.as_mut_ptr(), len) };
+            Ok(out)
+        }
+        unsafe fn launch(&self, kernel: &'static str, items: u64, params: &mut [*mut c_void]) -> Result<()> {
+            // The simulator's block/thread indices are globals: one launch at a time.
+            static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+            let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+            let name = std::ffi::CString::new(kernel).unwrap();
+            // A few blocks: the grid-stride loops cover the rest.
+            let grid = items.div_ceil(256).clamp(1, 3) as u32;
+            assert_eq!((self.launch)(name.as_ptr(), grid, params.as_mut_ptr()), 0, "sim has no kernel {kernel}");
+            Ok(())
+        }
+    }
+
+    fn values<T: Float>(n: usize, seed: u64, ties: bool) -> (Vec<T>, Vec<Vec<T>>) {
+        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let levels = [0.0f32, -0.0, 0.25, -0.25, 0.5, -1.0, 1.0];
+        let base: Vec<T> = (0..n).map(|_| T::from_f32((next() % 2001) as f32 / 1000.0 - 1.0)).collect();
+        let models = (0..3)
+            .map(|_| {
+                base.iter()
+                    .map(|b| {
+                        let d = if ties { levels[(next() % 7) as usize] } else { (next() % 2001) as f32 / 20000.0 - 0.05 };
+                        T::from_f32(b.to_f32() + d)
+                    })
+                    .collect()
+            })
+            .collect();
+        (base, models)
+    }
+
+    fn methods() -> Vec<(Sparsify, bool, bool, bool)> {
+        // (sparsifier, consensus, normalize, rescale) of every registry method
+        vec![
+            (Sparsify::Keep, false, true, false),
+            (Sparsify::Keep, false, false, false),
+            (Sparsify::Magnitude { density: 0.3 }, true, true, false),
+            (Sparsify::Random { density: 0.6, seed: 3, stream: 11 }, false, false, true),
+            (Sparsify::Random { density: 0.6, seed: 3, stream: 11 }, true, false, true),
+            (Sparsify::Band { density: 0.4, gamma: 0.05 }, false, false, false),
+            (Sparsify::Band { density: 0.4, gamma: 0.05 }, true, false, false),
+            (Sparsify::Magnitude { density: 0.2 }, false, false, true),
+        ]
+    }
+
+    fn bits<T: Float>(xs: &[T]) -> Vec<u32> {
+        xs.iter().map(|v| v.to_f32().to_bits()).collect()
+    }
+
+    fn check_against_cpu<T: Float>(sim: &Sim, n: usize, ties: bool) {
+        let (base, xs) = values::<T>(n, 5, ties);
+        for (s, consensus, normalize, rescale) in methods() {
+            let models: Vec<Model> = (0..3)
+                .map(|m| {
+                    let sparsify = match s {
+                        Sparsify::Random { density, seed, .. } => Sparsify::Random { density, seed, stream: 11 + m as u64 },
+                        other => other,
+                    };
+                    Model { weight: 0.3 + 0.25 * m as f32, sparsify }
+                })
+                .collect();
+            let p = Params { consensus, normalize, rescale, lambda: 0.9, granularity: Granularity::Tensor, check_finite: true };
+            let terms: Vec<Term<'_, T>> =
+                xs.iter().zip(&models).map(|(x, m)| Term { values: x, weight: m.weight, sparsify: m.sparsify }).collect();
+            let mut want = vec![T::from_f32(0.0); n];
+            let cpu = cpu_merge(&base, &terms, &p, &mut want).unwrap();
+            let mut got = vec![T::from_f32(0.0); n];
+            let ptrs: Vec<u64> = xs.iter().map(|x| x.as_ptr() as u64).collect();
+            let t = DeviceTensors {
+                ordinal: 0,
+                stream: 0,
+                dtype: T::DTYPE,
+                out: got.as_mut_ptr() as u64,
+                base: base.as_ptr() as u64,
+                models: &ptrs,
+                numel: n,
+            };
+            let sim_stats = unsafe { merge_on(sim, &t, &models, &p) }.unwrap();
+            assert_eq!(bits(&got), bits(&want), "{} {s:?} consensus={consensus} ties={ties}", T::DTYPE);
+            let direct = want.iter().zip(&base).filter(|(a, b)| a.to_f32() != b.to_f32()).count() as u64;
+            assert_eq!((sim_stats.changed, cpu.changed), (direct, direct), "{} {s:?}", T::DTYPE);
+        }
+    }
+
+    #[test]
+    fn simulated_kernels_merge_bitwise_like_the_cpu() {
+        let Some(sim) = Sim::open() else { return };
+        // Several rescale units and segments; tie-heavy inputs make partial cuts.
+        for ties in [false, true] {
+            check_against_cpu::<bf16>(&sim, 2 * UNIT + 777, ties);
+            check_against_cpu::<f16>(&sim, UNIT + 5, ties);
+            check_against_cpu::<f32>(&sim, UNIT + 333, ties);
+        }
+    }
+
+    #[test]
+    fn simulated_nonfinite_inputs_are_named() {
+        let Some(sim) = Sim::open() else { return };
+        let (base, mut xs) = values::<f32>(1000, 6, false);
+        xs[2][17] = f32::NAN;
+        xs[1][400] = f32::INFINITY;
+        let ptrs: Vec<u64> = xs.iter().map(|x| x.as_ptr() as u64).collect();
+        let mut out = vec![0.0f32; 1000];
+        let t = DeviceTensors { ordinal: 0, stream: 0, dtype: DType::F32, out: out.as_mut_ptr() as u64, base: base.as_ptr() as u64, models: &ptrs, numel: 1000 };
+        let models = [Model { weight: 1.0, sparsify: Sparsify::Magnitude { density: 0.5 } }; 3];
+        let p = Params { consensus: true, normalize: true, rescale: false, lambda: 1.0, granularity: Granularity::Tensor, check_finite: true };
+        let err = unsafe { merge_on(&sim, &t, &models, &p) }.unwrap_err().to_string();
+        assert_eq!(err, "models[2]: non-finite value at flat index 17");
+        let lenient = Params { check_finite: false, ..p };
+        let err = unsafe { merge_on(&sim, &t, &models, &lenient) }.unwrap_err().to_string();
+        assert!(err.contains("models[1]") || err.contains("models[2]"), "{err}");
+    }
 
     /// The steps of a merge, one kernel each per dtype.
     const STEPS: [&str; 6] = ["first_nonfinite", "hist", "seg_ties", "mask", "l1", "write"];
