@@ -100,4 +100,25 @@ def io_bound(d):
     os.remove(path)
 
 
+def run_ferrox_cuda(d):
+    """ferrox's CUDA kernels (--device cuda), whole-tensor granularity (the
+    row case runs per tensor here: rows stay on the CPU)."""
+    from ferrox.merge import merge_checkpoints, parse_config
+
+    merge_checkpoints(parse_config(d["config"]), _fresh(d["out"] + "-cu"), progress=False, device="cuda")
+
+
 SIDES = {"ferrox": run_ferrox, "mergekit": run_mergekit, "io_bound": io_bound}
+
+
+def _has_cuda():
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+if _has_cuda():
+    SIDES["ferrox_cuda"] = run_ferrox_cuda
