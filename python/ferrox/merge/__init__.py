@@ -12,13 +12,13 @@ from .atlas import ATLAS, fit_atlas, prediction_entropy, train_atlas
 from .checkpoints import MergeError, MergeReport, load_state_dict, merge_checkpoints
 from .config import ConfigError, MergeConfig, load_config, parse_config
 from .methods import METHODS, MergeMethod, get_method
-from .permute import PermutationSpec, apply_permutation, mlp_spec, weight_matching
+from .permute import PermutationSpec, apply_permutation, invert_permutations, mlp_spec, weight_matching
 from .task_vector import TaskVector
 from .tensor import merge_tensors, rng_stream
 
 __all__ = [
     "ATLAS", "fit_atlas", "prediction_entropy", "train_atlas",
-    "PermutationSpec", "apply_permutation", "mlp_spec", "weight_matching",
+    "PermutationSpec", "apply_permutation", "invert_permutations", "mlp_spec", "weight_matching",
     "METHODS", "TaskVector", "ConfigError", "MergeConfig", "MergeError", "MergeMethod", "MergeReport",
     "get_method", "load_config", "load_state_dict", "merge_checkpoints", "merge_tensors", "parse_config", "rng_stream",
 ]
