@@ -87,4 +87,6 @@ def test_device_cuda_refusals_are_clear(tmp_path):
         expected = "torch sees no CUDA device"
     with pytest.raises(MergeError, match=expected):
         merge_checkpoints(parse_config(raw), tmp_path / "out", device="cuda")
+    with pytest.raises(MergeError, match="expected 'cpu', 'cuda' or 'cuda:N', got 'gpu'"):
+        merge_checkpoints(parse_config(raw), tmp_path / "out", device="gpu")
     assert not (tmp_path / "out").exists()

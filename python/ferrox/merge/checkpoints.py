@@ -229,6 +229,8 @@ def _merge_on_device(cfg: MergeConfig, p, inputs, entries, writer, allow_nonfini
 def _cuda_device(device: str):
     if device == "cpu":
         return None
+    if not (device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit())):
+        raise MergeError(f"device: expected 'cpu', 'cuda' or 'cuda:N', got {device!r}")
     if not torch.cuda.is_available():
         raise MergeError(f"--device {device}: torch sees no CUDA device")
     return torch.device(device)
