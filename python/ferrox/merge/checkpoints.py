@@ -171,33 +171,40 @@ def _model_card(cfg: MergeConfig, report_bytes: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _per_model_params(cfg: MergeConfig) -> dict:
+    """weight/density/gamma lists in model order (mergekit's defaults)."""
+    return dict(weight=[m.params["weight"] for m in cfg.models],
+                density=[m.params.get("density", 1.0) for m in cfg.models],
+                gamma=[m.params.get("gamma", 0.01) for m in cfg.models])
+
+
+@contextlib.contextmanager
+def _naming_tensor(p, paths):
+    """Re-raises a bad-input error of one tensor's merge naming the tensor and inputs."""
+    try:
+        yield
+    except ValueError as e:
+        msg = str(e).replace("models[", "model[")
+        raise MergeError(f"tensor {p.name!r}: {msg} (inputs: {', '.join(paths)})") from None
+
+
 def _merge_one(cfg: MergeConfig, p, entries, writer, allow_nonfinite: bool, chunk_bytes: int, paths) -> int:
     """Streams one float tensor's merge from the input files into the output
     file; returns how many elements changed."""
     base, models = (entries[0], entries[1:]) if cfg.base else (None, entries)
     compute = NAME_DTYPES[cfg.dtype] if cfg.dtype else entries[0].dtype
     width = ELEMENT_BYTES[compute] * (len(entries) + 1) + ELEMENT_BYTES[p.dtype]
-    weights, sparsify = merge_terms(
-        cfg.method, len(models),
-        weight=[m.params["weight"] for m in cfg.models],
-        density=[m.params.get("density", 1.0) for m in cfg.models],
-        gamma=[m.params.get("gamma", 0.01) for m in cfg.models],
-        seed=cfg.seed, tensor_name=p.name,
-    )
+    weights, sparsify = merge_terms(cfg.method, len(models), seed=cfg.seed, tensor_name=p.name,
+                                    **_per_model_params(cfg))
     path, offset, _ = writer.where[p.name]
     locate = lambda e: (e.file, e.data_start, e.dtype)  # noqa: E731
-    try:
+    with _naming_tensor(p, paths):
         return _core.merge_tensor_files(
             (path, offset, p.dtype), locate(base) if base else None, [locate(e) for e in models], _numel(p.shape),
-            compute, weights, sparsify, cfg.method.consensus,
-            cfg.method.normalize if cfg.normalize is None else bool(cfg.normalize),
-            cfg.method.rescale if cfg.rescale is None else bool(cfg.rescale),
+            compute, weights, sparsify, cfg.method.consensus, cfg.normalize, cfg.rescale,
             float(cfg.lam), row_length(cfg.granularity, tuple(p.shape)), not allow_nonfinite,
             max(1, chunk_bytes // width),
         )
-    except ValueError as e:
-        msg = str(e).replace("models[", "model[")
-        raise MergeError(f"tensor {p.name!r}: {msg} (inputs: {', '.join(paths)})") from None
 
 
 def _merge_on_device(cfg: MergeConfig, p, inputs, entries, writer, allow_nonfinite: bool, paths, device) -> int:
@@ -207,19 +214,12 @@ def _merge_on_device(cfg: MergeConfig, p, inputs, entries, writer, allow_nonfini
     tensors = [i.load(e) for i, e in zip(inputs, entries)]
     tensors = [(t.to(dtype) if dtype is not None else t).to(device) for t in tensors]
     base, models = (tensors[0], tensors[1:]) if cfg.base else (None, tensors)
-    try:
+    with _naming_tensor(p, paths):
         result = merge_tensors(
-            cfg.method, base, models,
-            weight=[m.params["weight"] for m in cfg.models],
-            density=[m.params.get("density", 1.0) for m in cfg.models],
-            gamma=[m.params.get("gamma", 0.01) for m in cfg.models],
-            lam=cfg.lam, normalize=cfg.normalize, rescale=cfg.rescale,
+            cfg.method, base, models, lam=cfg.lam, normalize=cfg.normalize, rescale=cfg.rescale,
             granularity=cfg.granularity, seed=cfg.seed, tensor_name=p.name,
-            check_finite=not allow_nonfinite,
+            check_finite=not allow_nonfinite, **_per_model_params(cfg),
         )
-    except ValueError as e:
-        msg = str(e).replace("models[", "model[")
-        raise MergeError(f"tensor {p.name!r}: {msg} (inputs: {', '.join(paths)})") from None
     ref = base if base is not None else models[0]
     changed = int(torch.count_nonzero(result != ref))
     writer.write(p.name, result.to(TORCH_DTYPES[p.dtype]).cpu())
@@ -274,12 +274,11 @@ def merge_checkpoints(cfg: MergeConfig, out: str, *, force: bool = False, max_sh
                     if entries[0].dtype not in TORCH_DTYPES:
                         writer.write(p.name, inputs[0].load(entries[0]))  # integer buffers: the reference model's
                         copied += 1
-                    elif gpu is not None:
-                        changed = _merge_on_device(cfg, p, inputs, entries, writer, allow_nonfinite, paths, gpu)
-                        density[p.name] = changed / max(1, _numel(p.shape))
-                        merged += 1
                     else:
-                        changed = _merge_one(cfg, p, entries, writer, allow_nonfinite, chunk_bytes, paths)
+                        if gpu is not None:
+                            changed = _merge_on_device(cfg, p, inputs, entries, writer, allow_nonfinite, paths, gpu)
+                        else:
+                            changed = _merge_one(cfg, p, entries, writer, allow_nonfinite, chunk_bytes, paths)
                         density[p.name] = changed / max(1, _numel(p.shape))
                         merged += 1
                     bar.update(p.nbytes)

@@ -14,6 +14,8 @@ pub mod pack;
 pub mod philox;
 pub mod select;
 mod simd;
+#[cfg(test)]
+mod test_rng;
 
 pub use dtype::{DType, Float};
 pub use error::{Error, Result};

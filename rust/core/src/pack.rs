@@ -218,19 +218,10 @@ mod tests {
     use super::*;
     use half::{bf16, f16};
 
-    struct XorShift(u64);
-
-    impl XorShift {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-    }
+    use crate::test_rng::XorShift;
 
     fn random_codes(n: usize, bits: u32, seed: u64) -> Vec<u8> {
-        let mut g = XorShift(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+        let mut g = XorShift::new(seed);
         (0..n).map(|_| (g.next() >> 40) as u8 >> (8 - bits)).collect()
     }
 
@@ -286,7 +277,7 @@ mod tests {
     }
 
     fn check_signs<T: Float>(row_len: usize, rows: usize) {
-        let mut g = XorShift(row_len as u64 * 7 + 1);
+        let mut g = XorShift::new(row_len as u64 * 7 + 1);
         let values = [1.5f32, -2.0, -0.0, 0.0, f32::INFINITY, f32::NEG_INFINITY, -1e-3];
         let x: Vec<T> = (0..row_len * rows).map(|_| T::from_f32(values[(g.next() % 7) as usize])).collect();
         let mut packed = vec![0xFFu8; rows * packed_row_bytes(row_len, 1)];

@@ -26,9 +26,6 @@ use crate::Float;
 /// merge, small enough to balance 2..64 threads.
 const CHUNK: usize = 1 << 18;
 
-/// The chunk size that `tie_offsets` counts in.
-pub const TIE_CHUNK: usize = CHUNK;
-
 /// Below this many keys, copying them and quickselecting beats zeroing and
 /// merging per-worker radix histograms.
 const SMALL: usize = 1 << 15;
@@ -392,14 +389,8 @@ fn radix_cuts<K: Keys + ?Sized, const M: usize>(x: &K, rs: [usize; M], key_bits:
 
 /// The cut of the top-`r` set by |x| (0 <= r <= n; r = 0 gives `RankCut::empty()`).
 pub fn top_cut<T: Float>(x: &[T], r: usize) -> Result<RankCut> {
-    top_cut_keys(x, r, T::KEY_BITS)
-}
-
-/// `top_cut` over any key source whose keys have `key_bits` significant bits
-/// (15 for f16/bf16: one histogram pass; 31 for f32: two).
-pub fn top_cut_keys<K: Keys + ?Sized>(x: &K, r: usize, key_bits: u32) -> Result<RankCut> {
     check_rank("r", r, 0, x.len())?;
-    Ok(cuts(x, [r], key_bits)?[0].cut)
+    Ok(cuts(x, [r], T::KEY_BITS)?[0].cut)
 }
 
 /// |x| of the k-th largest element by magnitude (k is 1-based, 1 <= k <= n),
@@ -409,9 +400,9 @@ pub fn kth_largest_abs<T: Float>(x: &[T], k: usize) -> Result<T> {
     Ok(T::from_abs_key(top_cut(x, k)?.key))
 }
 
-/// How many keys equal `cut.key` come before each `TIE_CHUNK` chunk: the tie
+/// How many keys equal `cut.key` come before each `CHUNK` chunk: the tie
 /// ordinal each chunk's `CutWalker` starts at (all zeros when no tie is taken).
-pub fn tie_offsets<K: Keys + ?Sized>(x: &K, cut: RankCut) -> Vec<usize> {
+fn tie_offsets<K: Keys + ?Sized>(x: &K, cut: RankCut) -> Vec<usize> {
     if cut.ties == 0 {
         return vec![0; x.len().div_ceil(CHUNK)];
     }
@@ -586,26 +577,7 @@ mod tests {
     use super::*;
     use half::{bf16, f16};
 
-    struct XorShift(u64);
-
-    impl XorShift {
-        fn new(seed: u64) -> Self {
-            XorShift(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-        }
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-        fn below(&mut self, n: u64) -> u64 {
-            self.next() % n
-        }
-        /// Roughly normal with sd 1 (sum of 4 uniforms).
-        fn normal_ish(&mut self) -> f32 {
-            (0..4).map(|_| self.below(1 << 20) as f32 / (1 << 20) as f32 - 0.5).sum::<f32>() * 1.7
-        }
-    }
+    use crate::test_rng::XorShift;
 
     /// Values drawn from a handful of levels, many of them ±0.0.
     const LEVELS: [f32; 8] = [0.0, -0.0, 0.0, -0.0, 1.0, -1.0, 0.5, -2.0];

@@ -24,8 +24,31 @@ fn parse_sparsify(i: usize, (kind, density, gamma, seed, stream): &SparsifySpec)
     })
 }
 
-fn parse_all(sparsify: &[SparsifySpec]) -> Result<Vec<Sparsify>, Error> {
-    sparsify.iter().enumerate().map(|(i, s)| parse_sparsify(i, s)).collect()
+/// Each model's weight and sparsifier, checking there is one of each per model.
+fn parse_models(weights: &[f32], sparsify: &[SparsifySpec], count: usize) -> Result<Vec<Model>, Error> {
+    if weights.len() != count || sparsify.len() != count {
+        return Err(Error::Shape(format!(
+            "weights/sparsify: expected {count} entries (one per model), got {} and {}",
+            weights.len(),
+            sparsify.len()
+        )));
+    }
+    let parsed = sparsify.iter().enumerate().map(|(i, s)| parse_sparsify(i, s));
+    weights.iter().zip(parsed).map(|(&weight, sparsify)| Ok(Model { weight, sparsify: sparsify? })).collect()
+}
+
+fn float_dtype(what: &str, name: &str) -> Result<DType, Error> {
+    DType::parse(name)
+        .filter(|d| d.is_float())
+        .ok_or_else(|| Error::DType(format!("{what}: expected float32, float16 or bfloat16 (F32, F16, BF16), got {name:?}")))
+}
+
+fn chunk_or_default(chunk_len: usize) -> usize {
+    if chunk_len == 0 {
+        merge::DEFAULT_CHUNK
+    } else {
+        chunk_len
+    }
 }
 
 fn params(consensus: bool, normalize: bool, rescale: bool, lam: f32, row_len: usize, check_finite: bool) -> Params {
@@ -64,7 +87,7 @@ pub fn merge_tensor(
     let out = Tensor::output("out", out)?;
     let base = Tensor::input("base", base)?;
     let models = models.iter().map(|m| Tensor::input("models[i]", m)).collect::<PyResult<Vec<_>>>()?;
-    let sparsifiers = (|| {
+    let terms = (|| {
         base.expect_dtype(&[DType::F32, DType::F16, DType::BF16])?;
         base.expect_same(&out)?;
         for (i, m) in models.iter().enumerate() {
@@ -77,22 +100,12 @@ pub fn merge_tensor(
             out.check_alias(m, false)?;
         }
         out.check_alias(&base, false)?;
-        if weights.len() != models.len() || sparsify.len() != models.len() {
-            return Err(Error::Shape(format!(
-                "weights/sparsify: expected {} entries (one per model), got {} and {}",
-                models.len(),
-                weights.len(),
-                sparsify.len()
-            )));
-        }
-        parse_all(&sparsify)
+        parse_models(&weights, &sparsify, models.len())
     })()
     .map_err(to_py)?;
     let params = params(consensus, normalize, rescale, lam, row_len, check_finite);
-    let chunk_len = if chunk_len == 0 { merge::DEFAULT_CHUNK } else { chunk_len };
+    let chunk_len = chunk_or_default(chunk_len);
     if let Device::Cuda(ordinal) = base.device {
-        let terms: Vec<Model> =
-            weights.iter().zip(&sparsifiers).map(|(&weight, &sparsify)| Model { weight, sparsify }).collect();
         let model_ptrs: Vec<u64> = models.iter().map(|m| m.ptr).collect();
         let (dtype, po, pb, numel) = (base.dtype, out.ptr, base.ptr, base.numel());
         return compute(py, move || {
@@ -106,9 +119,8 @@ pub fn merge_tensor(
         let (b, o) = unsafe { (base.slice::<T>(), out.slice_mut::<T>()) };
         let terms: Vec<Term<'_, T>> = models
             .iter()
-            .zip(&weights)
-            .zip(&sparsifiers)
-            .map(|((m, &weight), &sparsify)| Term { values: unsafe { m.slice::<T>() }, weight, sparsify })
+            .zip(&terms)
+            .map(|(m, t)| Term { values: unsafe { m.slice::<T>() }, weight: t.weight, sparsify: t.sparsify })
             .collect();
         compute(py, move || merge::merge_tensor_chunked(b, &terms, &params, o, chunk_len).map(|s| s.changed))
     })
@@ -118,10 +130,7 @@ pub fn merge_tensor(
 type FileSpec = (PathBuf, u64, String);
 
 fn file_tensor(what: &str, (path, offset, dtype): FileSpec) -> Result<FileTensor, Error> {
-    let dtype = DType::parse(&dtype)
-        .filter(|d| d.is_float())
-        .ok_or_else(|| Error::DType(format!("{what}: expected dtype F32, F16 or BF16, got {dtype:?}")))?;
-    Ok(FileTensor { path, offset, dtype })
+    Ok(FileTensor { path, offset, dtype: float_dtype(what, &dtype)? })
 }
 
 /// The streaming merge of one tensor stored in files: reads `numel` elements
@@ -158,24 +167,13 @@ pub fn merge_tensor_files(
             .enumerate()
             .map(|(i, m)| file_tensor(&format!("models[{i}]"), m))
             .collect::<Result<Vec<_>, _>>()?;
-        let dtype = DType::parse(&compute_dtype)
-            .filter(|d| d.is_float())
-            .ok_or_else(|| Error::DType(format!("compute_dtype: expected float32, float16 or bfloat16, got {compute_dtype:?}")))?;
-        if weights.len() != inputs.len() || sparsify.len() != inputs.len() {
-            return Err(Error::Shape(format!(
-                "weights/sparsify: expected {} entries (one per model), got {} and {}",
-                inputs.len(),
-                weights.len(),
-                sparsify.len()
-            )));
-        }
-        let terms: Vec<Model> =
-            weights.iter().zip(parse_all(&sparsify)?).map(|(&weight, sparsify)| Model { weight, sparsify }).collect();
+        let dtype = float_dtype("compute_dtype", &compute_dtype)?;
+        let terms = parse_models(&weights, &sparsify, inputs.len())?;
         Ok((out, base, inputs, dtype, terms))
     })()
     .map_err(to_py)?;
     let params = params(consensus, normalize, rescale, lam, row_len, check_finite);
-    let chunk_len = if chunk_len == 0 { merge::DEFAULT_CHUNK } else { chunk_len };
+    let chunk_len = chunk_or_default(chunk_len);
     with_float!(dtype, "compute_dtype", T => {
         compute(py, move || {
             let mut src = FileInputs::<T>::open(base, inputs, numel)?;

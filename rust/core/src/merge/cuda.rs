@@ -361,13 +361,8 @@ mod tests {
     }
 
     fn values<T: Float>(n: usize, seed: u64, ties: bool) -> (Vec<T>, Vec<Vec<T>>) {
-        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        let mut next = move || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x
-        };
+        let mut g = crate::test_rng::XorShift::new(seed);
+        let mut next = move || g.next();
         let levels = [0.0f32, -0.0, 0.25, -0.25, 0.5, -1.0, 1.0];
         let base: Vec<T> = (0..n).map(|_| T::from_f32((next() % 2001) as f32 / 1000.0 - 1.0)).collect();
         let models = (0..3)

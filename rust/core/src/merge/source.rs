@@ -134,9 +134,9 @@ impl OpenTensor {
         raw.resize(nbytes, 0);
         read(raw)?;
         match self.spec.dtype {
-            DType::F32 => convert(raw, out, |b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-            DType::F16 => convert(raw, out, |b| f16::from_le_bytes([b[0], b[1]]).to_f32()),
-            _ => convert(raw, out, |b| bf16::from_le_bytes([b[0], b[1]]).to_f32()),
+            DType::F32 => convert(raw, 4, out, |b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+            DType::F16 => convert(raw, 2, out, |b| f16::from_le_bytes([b[0], b[1]]).to_f32()),
+            _ => convert(raw, 2, out, |b| bf16::from_le_bytes([b[0], b[1]]).to_f32()),
         }
         Ok(())
     }
@@ -168,9 +168,9 @@ impl OpenTensor {
     }
 }
 
-fn convert<T: Float>(raw: &[u8], out: &mut [T], decode: impl Fn(&[u8]) -> f32) {
-    let size = raw.len() / out.len().max(1);
-    for (o, b) in out.iter_mut().zip(raw.chunks_exact(size.max(1))) {
+/// Decodes `size`-byte little-endian elements of `raw` into `out`.
+fn convert<T: Float>(raw: &[u8], size: usize, out: &mut [T], decode: impl Fn(&[u8]) -> f32) {
+    for (o, b) in out.iter_mut().zip(raw.chunks_exact(size)) {
         *o = T::from_f32(decode(b));
     }
 }

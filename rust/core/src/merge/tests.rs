@@ -5,33 +5,24 @@
 use half::bf16;
 
 use crate::philox;
+use crate::test_rng::XorShift;
 
 use super::*;
 
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    /// Roughly normal; with `ties`, a handful of levels (many exact ties).
-    fn value(&mut self, ties: bool) -> f32 {
-        if ties {
-            [0.0, -0.0, 0.25, -0.25, 0.5, -1.0, 1.0, 0.125][(self.next() % 8) as usize]
-        } else {
-            (0..4).map(|_| (self.next() % (1 << 20)) as f32 / (1 << 20) as f32 - 0.5).sum::<f32>()
-        }
+/// Roughly normal; with `ties`, a handful of levels (many exact ties).
+fn value(g: &mut XorShift, ties: bool) -> f32 {
+    if ties {
+        [0.0, -0.0, 0.25, -0.25, 0.5, -1.0, 1.0, 0.125][g.below(8) as usize]
+    } else {
+        g.sum_of_4()
     }
 }
 
 fn data<T: Float>(n: usize, models: usize, seed: u64, ties: bool) -> (Vec<T>, Vec<Vec<T>>) {
-    let mut g = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
-    let base: Vec<T> = (0..n).map(|_| T::from_f32(g.value(false))).collect();
+    let mut g = XorShift::new(seed);
+    let base: Vec<T> = (0..n).map(|_| T::from_f32(value(&mut g, false))).collect();
     let xs = (0..models)
-        .map(|_| base.iter().map(|b| T::from_f32(b.to_f32() + 0.1 * g.value(ties))).collect())
+        .map(|_| base.iter().map(|b| T::from_f32(b.to_f32() + 0.1 * value(&mut g, ties))).collect())
         .collect();
     (base, xs)
 }
