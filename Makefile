@@ -17,11 +17,15 @@ NVRTC_DIR = $(firstword $(wildcard $(VENV)/lib/python3*/site-packages/nvidia/cu*
 
 all: build
 
+# torch pulls several GB of CUDA wheels; below 20 GB free, skip pip's cache
+# so they are not stored twice.
+PIP_CACHE = $(shell test "$$(df -Pk . | awk 'NR==2 {print $$4}')" -lt 20000000 && echo --no-cache-dir)
+
 $(DEPS): pyproject.toml scripts/deps.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(PIP_CACHE) --upgrade pip
 	$(PY) scripts/deps.py test dev > $(VENV)/requirements.txt
-	$(PY) -m pip install --quiet -r $(VENV)/requirements.txt
+	$(PY) -m pip install --quiet $(PIP_CACHE) -r $(VENV)/requirements.txt
 	touch $@
 
 $(EXT): $(DEPS) $(SOURCES)

@@ -101,11 +101,12 @@ def io_bound(d):
 
 
 def run_ferrox_cuda(d):
-    """ferrox's CUDA kernels (--device cuda), whole-tensor granularity (the
-    row case runs per tensor here: rows stay on the CPU)."""
+    """ferrox's CUDA kernels (--device cuda), same granularity as ferrox."""
     from ferrox.merge import merge_checkpoints, parse_config
 
-    merge_checkpoints(parse_config(d["config"]), _fresh(d["out"] + "-cu"), progress=False, device="cuda")
+    cfg = d["config"]
+    cfg = {**cfg, "parameters": {**cfg.get("parameters", {}), "granularity": d["granularity"]}}
+    merge_checkpoints(parse_config(cfg), _fresh(d["out"] + "-cu"), progress=False, device="cuda")
 
 
 SIDES = {"ferrox": run_ferrox, "mergekit": run_mergekit, "io_bound": io_bound}

@@ -116,7 +116,7 @@ def machine():
 def run_bench(name, args):
     mod = load(name)
     slow = getattr(mod, "SLOW_SIDES", set())
-    sides = [s for s in mod.SIDES if not (args.skip_slow and s in slow)]
+    sides = [s for s in mod.SIDES if not (args.skip_slow and s in slow) and (not args.sides or s in args.sides)]
     first = next(iter(mod.SIDES))
     rows = []
     for case in mod.CASES:
@@ -137,7 +137,7 @@ def run_bench(name, args):
             })
         by_side = {r["side"]: r for r in rows if r["case"] == case}
         for r in by_side.values():
-            r["ferrox_speedup"] = r["median_s"] / by_side[first]["median_s"]
+            r["ferrox_speedup"] = r["median_s"] / by_side[first]["median_s"] if first in by_side else float("nan")
     report(name, mod, rows, args)
     return rows
 
@@ -165,6 +165,8 @@ def main():
     p.add_argument("--quick", action="store_true", help="small inputs, 2 repeats")
     p.add_argument("--skip-slow", action="store_true", help="skip sides marked slow")
     p.add_argument("--repeats", type=int, default=None)
+    # Machines without a comparator installed (the GPU box has no mergekit).
+    p.add_argument("--sides", type=lambda v: v.split(","), default=None, help="comma-separated subset of sides to run")
     # A trial run elsewhere keeps the committed results intact.
     p.add_argument("--results", default=RESULTS, help="folder for NAME.md and NAME.json (default: benches/results)")
     p.add_argument("--child", nargs=3, metavar=("NAME", "CASE", "SIDE"), help=argparse.SUPPRESS)

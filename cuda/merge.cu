@@ -141,17 +141,118 @@ __device__ __forceinline__ void l1_body(const T* base, const T* x, u64 n, const 
     }
 }
 
+// Per-row selection (granularity: row), one thread per row, walking it in
+// index order like the CPU's row path (merge::row_mask).
+
+// The r-th largest delta key of one row (r >= 1) and how many keys equal to it
+// the top r takes (select::row_cut), by radix select over 8-bit digits: each
+// pass counts the digits of the keys that share the prefix found so far.
+template <typename T>
+__device__ __forceinline__ void row_rank_cut(const T* base, const T* x, u64 len, int top_shift, u64 r, u64* cut) {
+    if (r == 0) {  // select::RankCut::empty
+        cut[0] = 0xffffffffull;
+        cut[1] = 0;
+        return;
+    }
+    u32 prefix = 0, known = 0;
+    for (int shift = top_shift; shift >= 0; shift -= 8) {
+        u32 hist[256];
+        for (int d = 0; d < 256; ++d) hist[d] = 0;
+        for (u64 i = 0; i < len; ++i) {
+            u32 k = Key<T>::of(rounded_delta(x[i], base[i]));
+            if ((k & known) == prefix) hist[(k >> shift) & 0xffu]++;
+        }
+        u32 d = 255;
+        while (hist[d] < r) {  // the counts of matching keys add up to >= r
+            r -= hist[d];
+            --d;
+        }
+        prefix |= d << shift;
+        known |= 0xffu << shift;
+    }
+    cut[0] = prefix;
+    cut[1] = r;
+}
+
+// cuts[4r..4r+4] = (hi key, hi ties, lo key, lo ties) of row r for the rank
+// band [lo, hi); a NaN delta records its flat index in first_nan instead.
+template <typename T>
+__device__ __forceinline__ void row_cuts_body(const T* base, const T* x, u64 rows, u64 len, int top_shift, u64 lo,
+                                              u64 hi, u64* cuts, unsigned long long* first_nan) {
+    for (u64 r = global_index(); r < rows; r += global_stride()) {
+        const T* b = base + r * len;
+        const T* xr = x + r * len;
+        bool nan = false;
+        for (u64 i = 0; i < len && !nan; ++i) {
+            if (Key<T>::of(rounded_delta(xr[i], b[i])) > Key<T>::inf()) {
+                atomicMin(first_nan, (unsigned long long)(r * len + i));
+                nan = true;
+            }
+        }
+        if (nan) continue;
+        row_rank_cut(b, xr, len, top_shift, hi, cuts + 4 * r);
+        row_rank_cut(b, xr, len, top_shift, lo, cuts + 4 * r + 2);
+    }
+}
+
+// keep[i] for one model and rank band per row: in row r's top-hi set and not
+// in its top-lo set, ties taken in index order from the row start.
+template <typename T>
+__device__ __forceinline__ void row_mask_body(const T* base, const T* x, u64 rows, u64 len, const u64* cuts,
+                                              unsigned char* keep) {
+    for (u64 r = global_index(); r < rows; r += global_stride()) {
+        const u64* c = cuts + 4 * r;
+        CutArgs hi = {(u32)c[0], c[1], 0}, lo = {(u32)c[2], c[3], 0};
+        u64 seen_hi = 0, seen_lo = 0;
+        for (u64 i = r * len; i < (r + 1) * len; ++i) {
+            u32 k = Key<T>::of(rounded_delta(x[i], base[i]));
+            bool in_hi = take(hi, k, &seen_hi);
+            bool in_lo = take(lo, k, &seen_lo);
+            keep[i] = (unsigned char)(in_hi && !in_lo);
+        }
+    }
+}
+
+// Sums of |tau| and |kept tau| per row: lane l adds the row's elements l,
+// l + LANES, ... in f64, then the lanes are added in order (block::l1_sums
+// over one row). keep == null keeps everything.
+template <typename T>
+__device__ __forceinline__ void row_l1_body(const T* base, const T* x, u64 rows, u64 len, const unsigned char* keep,
+                                            double* sums) {
+    for (u64 r = global_index(); r < rows; r += global_stride()) {
+        double all[MERGE_LANES], kept[MERGE_LANES];
+        for (u64 l = 0; l < MERGE_LANES; ++l) all[l] = kept[l] = 0.0;
+        for (u64 j = 0; j < len; ++j) {
+            u64 i = r * len + j;
+            double a = (double)__uint_as_float(__float_as_uint(rounded_delta(x[i], base[i])) & 0x7fffffffu);
+            all[j % MERGE_LANES] += a;
+            kept[j % MERGE_LANES] += (keep == 0 || keep[i]) ? a : 0.0;
+        }
+        double a = 0.0, k = 0.0;
+        for (u64 l = 0; l < MERGE_LANES; ++l) {
+            a += all[l];
+            k += kept[l];
+        }
+        sums[2 * r] = a;
+        sums[2 * r + 1] = k;
+    }
+}
+
 // The fused write (block::write_span): weighted masked deltas, optional TIES
 // sign election, normalisation, lambda, one rounding. `models` and `keeps`
-// hold device addresses (a null keep keeps everything). changed[0] counts
-// outputs that differ from `reference`.
+// hold device addresses (a null keep keeps everything). Model m's scale for
+// element i is scales[m * (n / scale_span) + i / scale_span]: one per tensor
+// (scale_span = n) or one per row. changed[0] counts outputs that differ from
+// `reference`.
 template <typename T>
 __device__ __forceinline__ void write_body(T* out, const T* base, const T* reference, const u64* models,
-                                           const u64* keeps, const float* scales, const float* weights, u32 nm,
-                                           u64 n, u32 consensus, u32 normalize, float lambda, float plain_divisor,
-                                           unsigned long long* changed) {
+                                           const u64* keeps, const float* scales, u64 scale_span,
+                                           const float* weights, u32 nm, u64 n, u32 consensus, u32 normalize,
+                                           float lambda, float plain_divisor, unsigned long long* changed) {
     unsigned long long differ = 0;
+    u64 spans = n / scale_span;
     for (u64 i = global_index(); i < n; i += global_stride()) {
+        const float* scale = scales + i / scale_span;
         T bt = base[i];
         float b = Elem<T>::load(bt);
         float v[MERGE_MAX_MODELS];
@@ -160,7 +261,7 @@ __device__ __forceinline__ void write_body(T* out, const T* base, const T* refer
             const T* x = (const T*)models[m];
             const unsigned char* keep = (const unsigned char*)keeps[m];
             float d = rounded_delta(x[i], bt);
-            v[m] = (keep == 0 || keep[i]) ? scales[m] * d : 0.0f;
+            v[m] = (keep == 0 || keep[i]) ? scale[m * spans] * d : 0.0f;
             total += v[m];
         }
         float mixed = total, divisor = plain_divisor;
@@ -205,12 +306,25 @@ __device__ __forceinline__ void write_body(T* out, const T* base, const T* refer
                                                  double* sums) {                                                   \
         l1_body(base, x, n, keep, sums);                                                                             \
     }                                                                                                                \
+    extern "C" __global__ void merge_row_cuts_##SUFFIX(const T* base, const T* x, u64 rows, u64 len, int top_shift, \
+                                                       u64 lo, u64 hi, u64* cuts, unsigned long long* first_nan) { \
+        row_cuts_body(base, x, rows, len, top_shift, lo, hi, cuts, first_nan);                                       \
+    }                                                                                                                \
+    extern "C" __global__ void merge_row_mask_##SUFFIX(const T* base, const T* x, u64 rows, u64 len,               \
+                                                       const u64* cuts, unsigned char* keep) {                     \
+        row_mask_body(base, x, rows, len, cuts, keep);                                                               \
+    }                                                                                                                \
+    extern "C" __global__ void merge_row_l1_##SUFFIX(const T* base, const T* x, u64 rows, u64 len,                 \
+                                                     const unsigned char* keep, double* sums) {                    \
+        row_l1_body(base, x, rows, len, keep, sums);                                                                 \
+    }                                                                                                                \
     extern "C" __global__ void merge_write_##SUFFIX(T* out, const T* base, const T* reference, const u64* models,  \
-                                                    const u64* keeps, const float* scales, const float* weights,   \
-                                                    u32 nm, u64 n, u32 consensus, u32 normalize, float lambda,     \
-                                                    float plain_divisor, unsigned long long* changed) {            \
-        write_body(out, base, reference, models, keeps, scales, weights, nm, n, consensus, normalize, lambda,        \
-                   plain_divisor, changed);                                                                          \
+                                                    const u64* keeps, const float* scales, u64 scale_span,         \
+                                                    const float* weights, u32 nm, u64 n, u32 consensus,            \
+                                                    u32 normalize, float lambda, float plain_divisor,              \
+                                                    unsigned long long* changed) {                                 \
+        write_body(out, base, reference, models, keeps, scales, scale_span, weights, nm, n, consensus, normalize,    \
+                   lambda, plain_divisor, changed);                                                                  \
     }
 
 MERGE_KERNELS(f32, float)

@@ -233,7 +233,10 @@ def _cuda_device(device: str):
         raise MergeError(f"device: expected 'cpu', 'cuda' or 'cuda:N', got {device!r}")
     if not torch.cuda.is_available():
         raise MergeError(f"--device {device}: torch sees no CUDA device")
-    return torch.device(device)
+    gpu = torch.device(device)
+    if gpu.index is not None and gpu.index >= torch.cuda.device_count():
+        raise MergeError(f"--device {device}: cuda:{gpu.index} does not exist ({torch.cuda.device_count()} CUDA devices)")
+    return gpu
 
 
 def merge_checkpoints(cfg: MergeConfig, out: str, *, force: bool = False, max_shard_elements: int = 5_000_000_000,
@@ -246,13 +249,11 @@ def merge_checkpoints(cfg: MergeConfig, out: str, *, force: bool = False, max_sh
     ``chunk_bytes`` in all), and written at its precomputed offset in the
     output, so memory stays bounded whatever the model's size. With
     ``device="cuda"`` (or ``"cuda:N"``) each tensor is moved to the GPU and
-    merged by ferrox's CUDA kernels (bitwise the CPU result; whole-tensor
-    granularity only)."""
+    merged by ferrox's CUDA kernels (bitwise the CPU result, per tensor or
+    per row)."""
     from tqdm import tqdm
 
     gpu = _cuda_device(device)
-    if gpu is not None and cfg.granularity == "row":
-        raise MergeError("granularity: 'row' runs on the CPU only; use --device cpu or granularity 'tensor'")
 
     start = time.perf_counter()
     paths = ([cfg.base] if cfg.base else []) + [m.path for m in cfg.models]

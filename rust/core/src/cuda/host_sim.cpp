@@ -143,11 +143,32 @@ static int run_axpby(char** argv, K kernel) {
         });                                                                                                        \
         return 0;                                                                                                  \
     }                                                                                                              \
+    if (!std::strcmp(name, "merge_row_cuts_" #SUFFIX)) {                                                           \
+        launch(grid, [&] {                                                                                         \
+            merge_row_cuts_##SUFFIX(P(0, const T*), P(1, const T*), P(2, u64), P(3, u64), P(4, int), P(5, u64),    \
+                                    P(6, u64), P(7, u64*), P(8, unsigned long long*));                             \
+        });                                                                                                        \
+        return 0;                                                                                                  \
+    }                                                                                                              \
+    if (!std::strcmp(name, "merge_row_mask_" #SUFFIX)) {                                                           \
+        launch(grid, [&] {                                                                                         \
+            merge_row_mask_##SUFFIX(P(0, const T*), P(1, const T*), P(2, u64), P(3, u64), P(4, const u64*),        \
+                                    P(5, unsigned char*));                                                         \
+        });                                                                                                        \
+        return 0;                                                                                                  \
+    }                                                                                                              \
+    if (!std::strcmp(name, "merge_row_l1_" #SUFFIX)) {                                                             \
+        launch(grid, [&] {                                                                                         \
+            merge_row_l1_##SUFFIX(P(0, const T*), P(1, const T*), P(2, u64), P(3, u64),                            \
+                                  P(4, const unsigned char*), P(5, double*));                                      \
+        });                                                                                                        \
+        return 0;                                                                                                  \
+    }                                                                                                              \
     if (!std::strcmp(name, "merge_write_" #SUFFIX)) {                                                              \
         launch(grid, [&] {                                                                                         \
             merge_write_##SUFFIX(P(0, T*), P(1, const T*), P(2, const T*), P(3, const u64*), P(4, const u64*),     \
-                                 P(5, const float*), P(6, const float*), P(7, u32), P(8, u64), P(9, u32),          \
-                                 P(10, u32), P(11, float), P(12, float), P(13, unsigned long long*));              \
+                                 P(5, const float*), P(6, u64), P(7, const float*), P(8, u32), P(9, u64),          \
+                                 P(10, u32), P(11, u32), P(12, float), P(13, float), P(14, unsigned long long*));  \
         });                                                                                                        \
         return 0;                                                                                                  \
     }

@@ -53,9 +53,12 @@ const SOURCES: &[Source] = &[
         prelude: PHILOX_CU,
         text: include_str!("../../../../cuda/merge.cu"),
         kernels: &[
-            "merge_first_nonfinite_f32", "merge_hist_f32", "merge_seg_ties_f32", "merge_mask_f32", "merge_l1_f32", "merge_write_f32",
-            "merge_first_nonfinite_f16", "merge_hist_f16", "merge_seg_ties_f16", "merge_mask_f16", "merge_l1_f16", "merge_write_f16",
-            "merge_first_nonfinite_bf16", "merge_hist_bf16", "merge_seg_ties_bf16", "merge_mask_bf16", "merge_l1_bf16", "merge_write_bf16",
+            "merge_first_nonfinite_f32", "merge_hist_f32", "merge_seg_ties_f32", "merge_mask_f32", "merge_l1_f32",
+            "merge_row_cuts_f32", "merge_row_mask_f32", "merge_row_l1_f32", "merge_write_f32",
+            "merge_first_nonfinite_f16", "merge_hist_f16", "merge_seg_ties_f16", "merge_mask_f16", "merge_l1_f16",
+            "merge_row_cuts_f16", "merge_row_mask_f16", "merge_row_l1_f16", "merge_write_f16",
+            "merge_first_nonfinite_bf16", "merge_hist_bf16", "merge_seg_ties_bf16", "merge_mask_bf16", "merge_l1_bf16",
+            "merge_row_cuts_bf16", "merge_row_mask_bf16", "merge_row_l1_bf16", "merge_write_bf16",
         ],
     },
 ];

@@ -3,8 +3,9 @@
 //! passes for f32), exact cuts found on the host from them, tie ordinals per
 //! segment for partial cuts, masks, L1 rescale sums per (unit, lane), and the
 //! fused write. The kernels (`cuda/merge.cu`) mirror the CPU arithmetic, so
-//! the output is bitwise the CPU's. Whole-tensor granularity only: per-row
-//! selection runs on the CPU.
+//! the output is bitwise the CPU's. Per-row granularity (`merge_rows`) runs
+//! one thread per row: radix-select cuts, masks with ties in index order and
+//! per-row rescale sums, then the same fused write with a scale per row.
 
 use std::ffi::c_void;
 
@@ -115,10 +116,10 @@ pub unsafe fn merge_tensor(t: &DeviceTensors<'_>, models: &[Model], p: &Params) 
 /// As `merge_tensor`, for addresses of `dev`.
 pub(crate) unsafe fn merge_on<D: Device>(dev: &D, t: &DeviceTensors<'_>, models: &[Model], p: &Params) -> Result<MergeStats> {
     super::validate(models, t.models.len(), t.numel, p)?;
-    if let Granularity::Row(_) = p.granularity {
-        return Err(Error::Value(
-            "granularity: 'row' runs on the CPU only; use granularity 'tensor' on CUDA or merge on the CPU".into(),
-        ));
+    if let Granularity::Row(len) = p.granularity {
+        if len > u32::MAX as usize {
+            return Err(Error::Shape(format!("row length {len}: rows of more than 2^32 - 1 elements merge on the CPU only")));
+        }
     }
     if models.len() > MAX_MODELS {
         return Err(Error::Value(format!("models: at most {MAX_MODELS} models merge on CUDA, got {}", models.len())));
@@ -133,20 +134,37 @@ pub(crate) unsafe fn merge_on<D: Device>(dev: &D, t: &DeviceTensors<'_>, models:
     if p.check_finite {
         check_finite(dev, t)?;
     }
+    // Selection and rescaling work on spans: the whole tensor, or each row.
+    let span = match p.granularity {
+        Granularity::Tensor => t.numel,
+        Granularity::Row(len) => len,
+    };
+    let spans = t.numel / span;
     let mut keeps: Vec<Option<D::Buffer>> = Vec::with_capacity(models.len());
     for (m, model) in models.iter().enumerate() {
-        keeps.push(mask(dev, t, m, model)?);
+        keeps.push(match p.granularity {
+            Granularity::Tensor => mask(dev, t, m, model)?,
+            Granularity::Row(len) => row_mask(dev, t, m, model, len)?,
+        });
     }
     let weights: Vec<f32> = models.iter().map(|m| m.weight).collect();
-    let mut scales = weights.clone();
+    // scales[m * spans + s]: model m's weight times its rescale factor on span s.
+    let mut scales: Vec<f32> = weights.iter().flat_map(|&w| std::iter::repeat_n(w, spans)).collect();
     if p.rescale {
         for (m, model) in models.iter().enumerate() {
-            if model.sparsify != Sparsify::Keep {
-                scales[m] *= rescale_factor(l1_sums(dev, t, m, keeps[m].as_ref())?);
+            if model.sparsify == Sparsify::Keep {
+                continue;
+            }
+            let sums = match p.granularity {
+                Granularity::Tensor => vec![l1_sums(dev, t, m, keeps[m].as_ref())?],
+                Granularity::Row(len) => row_l1_sums(dev, t, m, keeps[m].as_ref(), len)?,
+            };
+            for (s, sum) in scales[m * spans..(m + 1) * spans].iter_mut().zip(sums) {
+                *s *= rescale_factor(sum);
             }
         }
     }
-    write(dev, t, &keeps, &scales, &weights, p)
+    write(dev, t, &keeps, &scales, span, &weights, p)
 }
 
 /// Refuses NaN/Inf, naming the lowest index and the first input holding it
@@ -257,6 +275,49 @@ unsafe fn seg_starts<D: Device>(dev: &D, t: &DeviceTensors<'_>, m: usize, cut: &
     Ok(Some(dev.from_slice(&starts)?))
 }
 
+/// One model's keep mask with ranks taken within each row of `len` elements
+/// (None: keeps everything). DARE draws do not depend on granularity.
+unsafe fn row_mask<D: Device>(dev: &D, t: &DeviceTensors<'_>, m: usize, model: &Model, len: usize) -> Result<Option<D::Buffer>> {
+    let Some((lo, hi)) = tensor_band(&model.sparsify, len) else {
+        return match model.sparsify {
+            Sparsify::Random { .. } => mask(dev, t, m, model),
+            _ => Ok(None),
+        };
+    };
+    let rows = t.numel / len;
+    let cuts = dev.zeroed(rows * 4 * 8)?;
+    let first_nan = dev.from_slice(&[u64::MAX])?;
+    // The top digit of the 15-bit (f16/bf16) or 31-bit (f32) abs keys.
+    let mut top_shift: i32 = if key_bits(t.dtype) == 31 { 24 } else { 8 };
+    let (mut base, mut x, mut nr, mut nl, mut lo, mut hi) = (t.base, t.models[m], rows as u64, len as u64, lo as u64, hi as u64);
+    let (mut c, mut f) = (dev.ptr(&cuts), dev.ptr(&first_nan));
+    let mut params = [arg(&mut base), arg(&mut x), arg(&mut nr), arg(&mut nl), arg(&mut top_shift), arg(&mut lo), arg(&mut hi), arg(&mut c), arg(&mut f)];
+    dev.launch(kernel("row_cuts", t.dtype)?, rows as u64, &mut params)?;
+    let nan = dev.read::<u64>(&first_nan, 1)?[0];
+    if nan != u64::MAX {
+        return Err(Error::Value(format!("models[{m}]: the delta from the base is NaN at flat index {nan}")));
+    }
+    let keep = dev.zeroed(t.numel)?;
+    let mut k = dev.ptr(&keep);
+    let mut params = [arg(&mut base), arg(&mut x), arg(&mut nr), arg(&mut nl), arg(&mut c), arg(&mut k)];
+    dev.launch(kernel("row_mask", t.dtype)?, rows as u64, &mut params)?;
+    // The kernel reads `cuts` asynchronously: wait before the buffer drops.
+    dev.read::<u8>(&keep, 0)?;
+    Ok(Some(keep))
+}
+
+/// Σ|τ| and Σ|kept τ| of model m in every row, added as the CPU's row path
+/// adds them (lanes, then lanes in order).
+unsafe fn row_l1_sums<D: Device>(dev: &D, t: &DeviceTensors<'_>, m: usize, keep: Option<&D::Buffer>, len: usize) -> Result<Vec<(f64, f64)>> {
+    let rows = t.numel / len;
+    let sums = dev.zeroed(rows * 2 * 8)?;
+    let (mut base, mut x, mut nr, mut nl) = (t.base, t.models[m], rows as u64, len as u64);
+    let (mut k, mut s) = (keep.map_or(0, |b| dev.ptr(b)), dev.ptr(&sums));
+    let mut params = [arg(&mut base), arg(&mut x), arg(&mut nr), arg(&mut nl), arg(&mut k), arg(&mut s)];
+    dev.launch(kernel("row_l1", t.dtype)?, rows as u64, &mut params)?;
+    Ok(dev.read::<f64>(&sums, rows * 2)?.chunks(2).map(|p| (p[0], p[1])).collect())
+}
+
 /// Σ|τ| and Σ|kept τ| of model m, added in the CPU's order: lanes within a
 /// unit, then units in index order.
 unsafe fn l1_sums<D: Device>(dev: &D, t: &DeviceTensors<'_>, m: usize, keep: Option<&D::Buffer>) -> Result<(f64, f64)> {
@@ -281,6 +342,7 @@ unsafe fn write<D: Device>(
     t: &DeviceTensors<'_>,
     keeps: &[Option<D::Buffer>],
     scales: &[f32],
+    scale_span: usize,
     weights: &[f32],
     p: &Params,
 ) -> Result<MergeStats> {
@@ -294,11 +356,11 @@ unsafe fn write<D: Device>(
     let plain = if plain.abs() < 1e-8 { 1.0f32 } else { plain };
     let (mut out, mut base, mut reference) = (t.out, t.base, t.base);
     let (mut xs, mut ks, mut sc, mut ws) = (dev.ptr(&models), dev.ptr(&keeps_dev), dev.ptr(&scales_dev), dev.ptr(&weights_dev));
-    let (mut nm, mut n) = (t.models.len() as u32, t.numel as u64);
+    let (mut nm, mut n, mut span) = (t.models.len() as u32, t.numel as u64, scale_span as u64);
     let (mut consensus, mut normalize, mut lambda, mut plain, mut ch) =
         (p.consensus as u32, p.normalize as u32, p.lambda, plain, dev.ptr(&changed));
-    let mut params: [*mut c_void; 14] = [
-        arg(&mut out), arg(&mut base), arg(&mut reference), arg(&mut xs), arg(&mut ks), arg(&mut sc), arg(&mut ws),
+    let mut params: [*mut c_void; 15] = [
+        arg(&mut out), arg(&mut base), arg(&mut reference), arg(&mut xs), arg(&mut ks), arg(&mut sc), arg(&mut span), arg(&mut ws),
         arg(&mut nm), arg(&mut n), arg(&mut consensus), arg(&mut normalize), arg(&mut lambda), arg(&mut plain), arg(&mut ch),
     ];
     dev.launch(kernel("write", t.dtype)?, t.numel as u64, &mut params)?;
@@ -396,7 +458,7 @@ mod tests {
         xs.iter().map(|v| v.to_f32().to_bits()).collect()
     }
 
-    fn check_against_cpu<T: Float>(sim: &Sim, n: usize, ties: bool) {
+    fn check_against_cpu<T: Float>(sim: &Sim, n: usize, ties: bool, granularity: Granularity) {
         let (base, xs) = values::<T>(n, 5, ties);
         for (s, consensus, normalize, rescale) in methods() {
             let models: Vec<Model> = (0..3)
@@ -408,7 +470,7 @@ mod tests {
                     Model { weight: 0.3 + 0.25 * m as f32, sparsify }
                 })
                 .collect();
-            let p = Params { consensus, normalize, rescale, lambda: 0.9, granularity: Granularity::Tensor, check_finite: true };
+            let p = Params { consensus, normalize, rescale, lambda: 0.9, granularity, check_finite: true };
             let terms: Vec<Term<'_, T>> =
                 xs.iter().zip(&models).map(|(x, m)| Term { values: x, weight: m.weight, sparsify: m.sparsify }).collect();
             let mut want = vec![T::from_f32(0.0); n];
@@ -425,7 +487,7 @@ mod tests {
                 numel: n,
             };
             let sim_stats = unsafe { merge_on(sim, &t, &models, &p) }.unwrap();
-            assert_eq!(bits(&got), bits(&want), "{} {s:?} consensus={consensus} ties={ties}", T::DTYPE);
+            assert_eq!(bits(&got), bits(&want), "{} {s:?} consensus={consensus} ties={ties} {granularity:?}", T::DTYPE);
             let direct = want.iter().zip(&base).filter(|(a, b)| a.to_f32() != b.to_f32()).count() as u64;
             assert_eq!((sim_stats.changed, cpu.changed), (direct, direct), "{} {s:?}", T::DTYPE);
         }
@@ -436,10 +498,42 @@ mod tests {
         let Some(sim) = Sim::open() else { return };
         // Several rescale units and segments; tie-heavy inputs make partial cuts.
         for ties in [false, true] {
-            check_against_cpu::<bf16>(&sim, 2 * UNIT + 777, ties);
-            check_against_cpu::<f16>(&sim, UNIT + 5, ties);
-            check_against_cpu::<f32>(&sim, UNIT + 333, ties);
+            check_against_cpu::<bf16>(&sim, 2 * UNIT + 777, ties, Granularity::Tensor);
+            check_against_cpu::<f16>(&sim, UNIT + 5, ties, Granularity::Tensor);
+            check_against_cpu::<f32>(&sim, UNIT + 333, ties, Granularity::Tensor);
         }
+    }
+
+    #[test]
+    fn simulated_row_kernels_merge_bitwise_like_the_cpu() {
+        let Some(sim) = Sim::open() else { return };
+        // Rows long and short, a single row, rows of one element; tie-heavy
+        // rows make partial cuts inside rows.
+        for ties in [false, true] {
+            check_against_cpu::<bf16>(&sim, 97 * 300, ties, Granularity::Row(300));
+            check_against_cpu::<f16>(&sim, 5 * 1003, ties, Granularity::Row(1003));
+            check_against_cpu::<f32>(&sim, 64 * 250, ties, Granularity::Row(250));
+            check_against_cpu::<bf16>(&sim, 4099, ties, Granularity::Row(4099));
+            check_against_cpu::<f32>(&sim, 37, ties, Granularity::Row(1));
+        }
+    }
+
+    #[test]
+    fn simulated_row_nan_deltas_are_named() {
+        let Some(sim) = Sim::open() else { return };
+        let (base, mut xs) = values::<bf16>(600, 8, false);
+        xs[1][450] = bf16::NAN;
+        xs[1][470] = bf16::NAN;
+        let ptrs: Vec<u64> = xs.iter().map(|x| x.as_ptr() as u64).collect();
+        let mut out = vec![bf16::ZERO; 600];
+        let t = DeviceTensors { ordinal: 0, stream: 0, dtype: DType::BF16, out: out.as_mut_ptr() as u64, base: base.as_ptr() as u64, models: &ptrs, numel: 600 };
+        let models = [Model { weight: 1.0, sparsify: Sparsify::Band { density: 0.5, gamma: 0.1 } }; 3];
+        let p = Params { consensus: false, normalize: false, rescale: false, lambda: 1.0, granularity: Granularity::Row(100), check_finite: false };
+        let err = unsafe { merge_on(&sim, &t, &models, &p) }.unwrap_err().to_string();
+        assert_eq!(err, "models[1]: the delta from the base is NaN at flat index 450");
+        let terms: Vec<Term<'_, bf16>> = xs.iter().zip(&models).map(|(x, m)| Term { values: x, weight: m.weight, sparsify: m.sparsify }).collect();
+        let cpu = cpu_merge(&base, &terms, &p, &mut out).unwrap_err().to_string();
+        assert_eq!(cpu, err);
     }
 
     #[test]
@@ -461,7 +555,7 @@ mod tests {
     }
 
     /// The steps of a merge, one kernel each per dtype.
-    const STEPS: [&str; 6] = ["first_nonfinite", "hist", "seg_ties", "mask", "l1", "write"];
+    const STEPS: [&str; 9] = ["first_nonfinite", "hist", "seg_ties", "mask", "l1", "row_cuts", "row_mask", "row_l1", "write"];
 
     #[test]
     fn every_merge_kernel_is_in_the_cuda_sources() {
@@ -474,17 +568,11 @@ mod tests {
     }
 
     #[test]
-    fn row_granularity_is_refused_clearly() {
-        let t = DeviceTensors { ordinal: 0, stream: 0, dtype: DType::BF16, out: 1, base: 2, models: &[3], numel: 8 };
-        let p = Params {
-            consensus: false,
-            normalize: false,
-            rescale: false,
-            lambda: 1.0,
-            granularity: Granularity::Row(4),
-            check_finite: true,
-        };
+    fn rows_longer_than_u32_are_refused_clearly() {
+        let n = 1usize << 32;
+        let t = DeviceTensors { ordinal: 0, stream: 0, dtype: DType::BF16, out: 1, base: 2, models: &[3], numel: n };
+        let p = Params { consensus: false, normalize: false, rescale: false, lambda: 1.0, granularity: Granularity::Row(n), check_finite: true };
         let err = unsafe { merge_tensor(&t, &[Model { weight: 1.0, sparsify: Sparsify::Keep }], &p) }.unwrap_err();
-        assert!(err.to_string().contains("'row' runs on the CPU only"), "{err}");
+        assert!(err.to_string().contains("merge on the CPU only"), "{err}");
     }
 }
