@@ -4,7 +4,10 @@ Both run in-process (so each side's peak RSS is its own, measured in a child
 process by the harness). `granularity: tensor` for ferrox, mergekit's
 semantics. Inputs are built once under benches/.cache (seeded), outputs go to
 a scratch folder that is replaced on every run. The I/O bound is the time to
-read every input file and write a file of the output's size (warm cache).
+read every input file and write a file of the output's size (warm cache, no
+fsync). ferrox fsyncs its output before renaming it into place; the
+ferrox_nofsync side (`--no-fsync`) measures it without that wait, as mergekit
+writes.
 """
 
 import os
@@ -68,6 +71,15 @@ def run_ferrox(d):
     merge_checkpoints(parse_config(cfg), _fresh(d["out"] + "-fx"), progress=False)
 
 
+def run_ferrox_nofsync(d):
+    """`--no-fsync`: like mergekit and the I/O bound, no wait for the disk."""
+    from ferrox.merge import merge_checkpoints, parse_config
+
+    cfg = d["config"]
+    cfg = {**cfg, "parameters": {**cfg.get("parameters", {}), "granularity": d["granularity"]}}
+    merge_checkpoints(parse_config(cfg), _fresh(d["out"] + "-nf"), progress=False, fsync=False)
+
+
 def run_mergekit(d):
     from mergekit.config import MergeConfiguration
     from mergekit.merge import MergeOptions, run_merge
@@ -109,7 +121,7 @@ def run_ferrox_cuda(d):
     merge_checkpoints(parse_config(cfg), _fresh(d["out"] + "-cu"), progress=False, device="cuda")
 
 
-SIDES = {"ferrox": run_ferrox, "mergekit": run_mergekit, "io_bound": io_bound}
+SIDES = {"ferrox": run_ferrox, "ferrox_nofsync": run_ferrox_nofsync, "mergekit": run_mergekit, "io_bound": io_bound}
 
 
 def _has_cuda():

@@ -9,11 +9,11 @@ import sys
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from ferrox import synthetic
 from ferrox.checkpoint import read_checkpoint
-from ferrox.merge import merge_tensors
+from ferrox.merge import MergeError, merge_checkpoints, merge_tensors, parse_config
 from ferrox.models import default_model_path
 
 FERROX = [sys.executable, "-m", "ferrox.cli"]
@@ -294,3 +294,30 @@ def test_parity_with_mergekit_sparsified(llama, tmp_path, method):
     # bf16 deltas tie at a cut for several % of elements per model (3 models
     # here), and those are excluded above; most elements are still compared.
     assert checked > 0.75 * sum(t.numel() for t in fx.values())
+
+
+def test_output_is_fsynced_before_the_rename_unless_asked_not_to(llama, tmp_path, monkeypatch):
+    root, base, fts = llama
+    cfg = parse_config(yaml.safe_load(write_config(tmp_path / "m.yml", "ties", base, fts).read_text()))
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or real_fsync(fd))
+    merge_checkpoints(cfg, tmp_path / "durable", max_shard_elements=20_000, progress=False)
+    shards = sorted(p for p in os.listdir(tmp_path / "durable") if p.endswith(".safetensors"))
+    assert len(shards) > 1 and sorted(os.path.basename(p) for p in synced) == shards
+    synced.clear()
+    merge_checkpoints(cfg, tmp_path / "fast", max_shard_elements=20_000, progress=False, fsync=False)
+    assert synced == []
+    durable, fast = load_folder(tmp_path / "durable"), load_folder(tmp_path / "fast")
+    assert durable.keys() == fast.keys() and all(torch.equal(durable[k], fast[k]) for k in durable)
+    # A merge that fails part-way (a NaN in the last tensor) is deleted, not synced.
+    poisoned = tmp_path / "poisoned"
+    shutil.copytree(fts[1], poisoned)
+    weights = load_file(poisoned / "model.safetensors")
+    last = sorted(weights)[-1]
+    weights[last].view(-1)[0] = float("nan")
+    save_file(weights, poisoned / "model.safetensors")
+    bad = write_config(tmp_path / "bad.yml", "ties", base, [fts[0], poisoned, fts[2]])
+    with pytest.raises(MergeError, match="non-finite"):
+        merge_checkpoints(parse_config(yaml.safe_load(bad.read_text())), tmp_path / "failed", progress=False)
+    assert synced == [] and not (tmp_path / "failed").exists()

@@ -193,10 +193,15 @@ class ShardedWriter:
         f.seek(offset)
         f.write(memoryview(data))
 
-    def close(self) -> None:
+    def close(self, sync: bool = True) -> None:
+        """Closes the shards; with ``sync``, waits until they are on disk
+        (before an atomic rename, so a crash cannot leave a renamed folder of
+        half-written files)."""
         for f in self._handles.values():
             f.close()
         self._handles = {}
+        if not sync:
+            return
         # Tensors may also have been written at their offsets by the Rust
         # core through its own handles: flush every shard.
         for path in self.files:

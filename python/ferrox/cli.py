@@ -105,7 +105,7 @@ def _cmd_merge(args) -> int:
         cfg.seed = args.random_seed
     report = merge_checkpoints(cfg, out, force=args.force, max_shard_elements=args.out_shard_size,
                                allow_nonfinite=args.allow_nonfinite, progress=False if args.no_progress else None,
-                               device=device)
+                               device=device, fsync=not args.no_fsync)
     print(f"merged {report.merged} tensors ({report.copied} copied) with {cfg.method.name} into {report.out}: "
           f"{checkpoint.human_bytes(report.bytes_written)} in {report.seconds:.1f} s")
     return 0
@@ -136,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--allow-crimes", action="store_true", help="accepted for mergekit compatibility (no effect)")
     m.add_argument("--allow-nonfinite", action="store_true", help="merge NaN/Inf inputs instead of refusing them")
     m.add_argument("--no-progress", action="store_true", help="no progress bar")
+    m.add_argument("--no-fsync", action="store_true",
+                   help="don't wait for the output to reach the disk before renaming it into place (faster; "
+                        "a power loss or OS crash may then leave incomplete files)")
     m.set_defaults(func=_cmd_merge)
     return p
 

@@ -241,7 +241,7 @@ def _cuda_device(device: str):
 
 def merge_checkpoints(cfg: MergeConfig, out: str, *, force: bool = False, max_shard_elements: int = 5_000_000_000,
                       allow_nonfinite: bool = False, progress: Optional[bool] = None,
-                      chunk_bytes: int = CHUNK_BYTES, device: str = "cpu") -> MergeReport:
+                      chunk_bytes: int = CHUNK_BYTES, device: str = "cpu", fsync: bool = True) -> MergeReport:
     """Runs a merge config and writes the merged model to ``out``.
 
     On the CPU each tensor is merged by the Rust core straight from the input
@@ -250,7 +250,11 @@ def merge_checkpoints(cfg: MergeConfig, out: str, *, force: bool = False, max_sh
     output, so memory stays bounded whatever the model's size. With
     ``device="cuda"`` (or ``"cuda:N"``) each tensor is moved to the GPU and
     merged by ferrox's CUDA kernels (bitwise the CPU result, per tensor or
-    per row)."""
+    per row).
+
+    The output is written to a temporary sibling folder, fsynced, and renamed
+    into place. ``fsync=False`` skips waiting for the disk: faster, but after
+    a power loss or OS crash the renamed folder may hold incomplete files."""
     from tqdm import tqdm
 
     gpu = _cuda_device(device)
@@ -266,6 +270,7 @@ def merge_checkpoints(cfg: MergeConfig, out: str, *, force: bool = False, max_sh
     total = sum(p.nbytes for p in planned)
     with _atomic_folder(out, force) as tmp:
         writer = ckpt.ShardedWriter(tmp, planned, max_shard_bytes, metadata={"merged_by": "ferrox"})
+        done = False
         try:
             bar = tqdm(total=total, desc=f"ferrox merge ({cfg.method.name})", unit="B", unit_scale=True,
                        disable=None if progress is None else not progress)
@@ -283,8 +288,9 @@ def merge_checkpoints(cfg: MergeConfig, out: str, *, force: bool = False, max_sh
                         density[p.name] = changed / max(1, _numel(p.shape))
                         merged += 1
                     bar.update(p.nbytes)
+            done = True
         finally:
-            writer.close()
+            writer.close(sync=fsync and done)  # a failed merge is deleted: no need to wait for the disk
             for i in inputs:
                 i.close()
         _copy_side_files(cfg, tmp)
