@@ -3,6 +3,7 @@ tensor API, parity with mergekit 0.1.5, atomic writes, clear errors."""
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -161,6 +162,42 @@ def test_corrupt_input_leaves_nothing_and_keeps_existing_output(llama, tmp_path)
         assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
         assert [p for p in os.listdir(tmp_path) if "ferrox" in p] == []
     assert (bad / "model.safetensors").read_bytes() == raw[: len(raw) // 2]  # inputs untouched
+
+
+# The CLI with a merge that stops after its first tensor until signalled.
+_PAUSED_CLI = """
+import sys, time
+import ferrox.merge.checkpoints as c
+merge_one = c._merge_one
+def paused(*args, **kwargs):
+    changed = merge_one(*args, **kwargs)
+    print("paused", flush=True)
+    time.sleep(120)
+    return changed
+c._merge_one = paused
+from ferrox.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_mid_merge_leaves_nothing_and_keeps_existing_output(llama, tmp_path, sig):
+    root, base, fts = llama
+    cfg = write_config(tmp_path / "m.yml", "ties", base, fts)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    proc = subprocess.Popen([sys.executable, "-c", _PAUSED_CLI, "merge", str(cfg), str(tmp_path / "out"), "--force",
+                             "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "paused"
+        assert [p for p in os.listdir(tmp_path) if "ferrox-tmp" in p], "the merge writes to a temporary folder"
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, err
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+    assert [p for p in os.listdir(tmp_path) if "ferrox" in p] == []
 
 
 @pytest.mark.parametrize(

@@ -14,11 +14,12 @@ from .config import ConfigError, MergeConfig, load_config, parse_config
 from .methods import METHODS, MergeMethod, get_method
 from .permute import PermutationSpec, apply_permutation, invert_permutations, mlp_spec, weight_matching
 from .task_vector import TaskVector
-from .tensor import merge_tensors, rng_stream
+from .tensor import SPARSIFIERS, merge_tensors, rng_stream, sparsify
 
 __all__ = [
     "ATLAS", "fit_atlas", "prediction_entropy", "train_atlas",
     "PermutationSpec", "apply_permutation", "invert_permutations", "mlp_spec", "weight_matching",
     "METHODS", "TaskVector", "ConfigError", "MergeConfig", "MergeError", "MergeMethod", "MergeReport",
-    "get_method", "load_config", "load_state_dict", "merge_checkpoints", "merge_tensors", "parse_config", "rng_stream",
+    "SPARSIFIERS", "get_method", "load_config", "load_state_dict", "merge_checkpoints", "merge_tensors", "parse_config",
+    "rng_stream", "sparsify",
 ]

@@ -89,8 +89,8 @@ def _plan(cfg: MergeConfig, inputs: List[_Inputs]):
                                  f"but {t.dtype} {list(t.shape)} in {ref.path}")
         out_dtype = t.dtype
         if t.dtype in TORCH_DTYPES and (cfg.out_dtype or cfg.dtype):
-            out_dtype = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}[cfg.out_dtype or cfg.dtype]
-        size = {"F32": 4, "F16": 2, "BF16": 2}.get(out_dtype)
+            out_dtype = NAME_DTYPES[cfg.out_dtype or cfg.dtype]
+        size = ELEMENT_BYTES.get(out_dtype)
         nbytes = t.numel * size if size else t.nbytes
         planned.append(ckpt.PlannedTensor(t.name, out_dtype, t.shape, nbytes))
     for inp, names in zip(inputs[1:], by_name[1:]):

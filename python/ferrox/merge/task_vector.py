@@ -79,6 +79,15 @@ class TaskVector:
             out[k] = float((v.double() * w.double()).sum()) / den if den else 0.0
         return out
 
+    def sparsify(self, kind: str, **kwargs) -> "TaskVector":
+        """Every tensor sparsified by ``ferrox.merge.sparsify`` (``kind``
+        "magnitude", "band" or "random"; ``density``, ``gamma``,
+        ``granularity``, ``rescale``, ``seed`` as there). DARE masks are
+        keyed by the tensor's name, so they do not depend on tensor order."""
+        from .tensor import sparsify
+
+        return TaskVector({k: sparsify(v, kind, tensor_name=k, **kwargs) for k, v in self.deltas.items()})
+
     def apply_to(self, base: Mapping[str, torch.Tensor], scale: float = 1.0) -> Dict[str, torch.Tensor]:
         """θ = θ_base + scale·τ, in each base tensor's dtype."""
         out = {}

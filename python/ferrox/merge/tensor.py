@@ -10,6 +10,8 @@ from ..cuda import stream_of
 from .methods import MergeMethod, get_method
 
 GRANULARITIES = ("tensor", "row")
+#: The sparsifiers every method is built from (``MergeMethod.sparsify``).
+SPARSIFIERS = ("none", "magnitude", "band", "random")
 
 
 def rng_stream(tensor_name: str, model_index: int) -> int:
@@ -86,6 +88,37 @@ def merge_tensors(
         float(lam), row_len, check_finite, chunk_len, stream_of(base),
     )
     return out
+
+
+def sparsify(
+    tau: torch.Tensor,
+    kind: str,
+    *,
+    density: float = 1.0,
+    gamma: float = 0.01,
+    granularity: str = "tensor",
+    rescale: bool = False,
+    seed: int = 0,
+    tensor_name: str = "",
+) -> torch.Tensor:
+    """One task vector's tensor with a sparsifier applied, the same mask the
+    merges use: ``"magnitude"`` keeps the max(1, ⌊density·n⌋) largest |τ|
+    (TIES' trim), ``"band"`` drops the ⌊gamma·n⌋ largest and keeps the next
+    ⌊density·n⌋ (Model Breadcrumbs: ``density`` = keep_frac, ``gamma`` =
+    outlier_frac), ``"random"`` keeps each element with probability
+    ``density`` (DARE; Philox keyed by ``seed`` and ``tensor_name``).
+    Ranks are by |τ| with ties to the lower index, per tensor or per row of
+    the last dimension. ``rescale`` multiplies the kept values by
+    Σ|τ| / Σ|kept τ| (mergekit's rescale; DARE's unbiasing). Kept values are
+    returned unchanged, dropped ones as zeros."""
+    if kind not in SPARSIFIERS:
+        raise ValueError(f"kind: expected one of {SPARSIFIERS}, got {kind!r}")
+    _checks.tensor("tau", tau)
+    # A one-model task arithmetic over a zero base is exactly the sparsified τ.
+    m = MergeMethod(f"sparsify_{kind}", kind, consensus=False, normalize=False, rescale=rescale, needs_base=False,
+                    model_params=("density", "gamma"), reference="")
+    return merge_tensors(m, None, [tau], weight=1.0, density=density, gamma=gamma, granularity=granularity,
+                         seed=seed, tensor_name=tensor_name)
 
 
 def merge_terms(m: MergeMethod, n: int, *, weight=None, density=None, gamma=None, seed: int = 0,
