@@ -159,12 +159,7 @@ impl OpenTensor {
             }
             raw
         };
-        // Pieces written in parallel: each is a page-cache copy, which would
-        // otherwise leave the other workers idle.
-        const PIECE: usize = 4 << 20;
-        bytes.par_chunks(PIECE).enumerate().try_for_each(|(k, piece)| {
-            self.file.write_all_at(piece, at + (k * PIECE) as u64).map_err(|e| Error::io(&self.spec.path, e))
-        })?;
+        self.file.write_all_at(bytes, at).map_err(|e| Error::io(&self.spec.path, e))?;
         start_writeback(&self.file, at, bytes.len());
         Ok(())
     }
