@@ -40,7 +40,7 @@ demo: build
 	$(PY) -m ferrox.demo
 
 test-rust: $(DEPS)
-	LD_LIBRARY_PATH=$(NVRTC_DIR):$$LD_LIBRARY_PATH cargo test --release -p ferrox-core
+	FERROX_REQUIRE_SIM=1 LD_LIBRARY_PATH=$(NVRTC_DIR):$$LD_LIBRARY_PATH cargo test --release -p ferrox-core
 
 test-python: build
 	$(PY) -m pytest -q tests
