@@ -58,7 +58,44 @@ def test_inspect_errors_are_clear(tmp_path):
     assert out.returncode == 1 and "bad.safetensors" in out.stderr and "Traceback" not in out.stderr
 
 
-def test_doctor_reports_threads_and_nvrtc():
-    out = run("doctor", "--allow-missing-cuda").stdout
+def test_doctor_compiles_every_kernel():
+    # No --allow-missing-cuda: a kernel that does not compile fails this test.
+    out = run("doctor").stdout
     assert "threads: ferrox" in out
-    assert "nvrtc" in out
+    assert "compiled all kernels for sm_90" in out
+    for kernel_file in ("merge", "ops", "philox"):
+        assert f"{kernel_file}.cu " in out.split("compiled all kernels", 1)[1]
+
+
+def test_doctor_fails_when_a_kernel_does_not_compile(tmp_path):
+    # NVRTC that cannot be loaded stands in for a compile failure: exit 1 unless allowed.
+    env = dict(os.environ, FERROX_NVRTC=str(tmp_path / "libnvrtc.so.missing"))
+    out = subprocess.run([*FERROX, "doctor"], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 1 and "kernels did not compile" in out.stdout, out.stdout + out.stderr
+    out = subprocess.run([*FERROX, "doctor", "--allow-missing-cuda"], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert out.returncode == 0
+
+
+def test_inspect_shows_what_ferrox_wrote(tmp_path):
+    from ferrox import synthetic
+    import torch
+    import yaml
+
+    base = synthetic.make_llama(tmp_path / "base", hidden=16, layers=1, dtype=torch.float32)
+    ft = synthetic.fine_tune(base, tmp_path / "ft", seed=1)
+    cfg = tmp_path / "m.yml"
+    cfg.write_text(yaml.safe_dump({"merge_method": "ties", "base_model": str(base),
+                                   "models": [{"model": str(ft), "parameters": {"weight": 1.0, "density": 0.3}}]}))
+    run("merge", str(cfg), str(tmp_path / "out"), "--quiet")
+    out = run("inspect", str(tmp_path / "out")).stdout
+    assert f"written by ferrox {ferrox.__version__}: format merge, method ties" in out
+    assert "tensors_merged" in out and "per tensor (ferrox_report.json)" in out
+    line = next(l for l in out.splitlines() if l.strip().startswith("model.layers.0.mlp.up_proj.weight") and "changed" not in l
+                and l.startswith("    "))
+    assert 0.0 < float(line.split()[-1]) <= 0.31  # ties keeps 30%: at most that fraction changes
+    data = json.loads(run("inspect", str(tmp_path / "out"), "--json").stdout)
+    assert data["ferrox"]["metadata"]["ferrox_format"] == "merge"
+    assert set(data["ferrox"]["report"]["tensors"]) == {t["name"] for t in data["tensors"]}  # every one merged
+    plain = json.loads(run("inspect", "--json").stdout)
+    assert plain["ferrox"] is None

@@ -341,7 +341,11 @@ def test_output_is_fsynced_before_the_rename_unless_asked_not_to(llama, tmp_path
     monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or real_fsync(fd))
     merge_checkpoints(cfg, tmp_path / "durable", max_shard_elements=20_000, progress=False)
     shards = sorted(p for p in os.listdir(tmp_path / "durable") if p.endswith(".safetensors"))
-    assert len(shards) > 1 and sorted(os.path.basename(p) for p in synced) == shards
+    files = [p for p in synced if p.endswith(".safetensors")]
+    assert len(shards) > 1 and sorted(os.path.basename(p) for p in files) == shards
+    # then the folder's entries (before the rename) and the rename itself (the parent)
+    folders = [os.path.basename(p) for p in synced[len(files):]]
+    assert len(folders) == 2 and folders[0].startswith(f".durable.ferrox-tmp-{os.getpid()}.") and folders[1] == tmp_path.name
     synced.clear()
     merge_checkpoints(cfg, tmp_path / "fast", max_shard_elements=20_000, progress=False, fsync=False)
     assert synced == []

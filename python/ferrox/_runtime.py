@@ -1,10 +1,14 @@
 """Thread count of ferrox's CPU kernels.
 
-Defaults to torch's intra-op thread count so ferrox and torch do not
-oversubscribe the cores; ``FERROX_NUM_THREADS`` overrides it.
+Defaults to torch's intra-op thread count when torch is already imported,
+so ferrox and torch do not oversubscribe the cores, and otherwise to the
+CPUs this process may run on (``OMP_NUM_THREADS`` when set, as torch reads
+it); ``import ferrox`` never imports torch for this. ``FERROX_NUM_THREADS``
+overrides both.
 """
 
 import os
+import sys
 
 from . import _core
 
@@ -19,11 +23,15 @@ def _default_threads() -> int:
         if n < 1:
             raise ValueError(f"FERROX_NUM_THREADS: expected a positive integer, got {env!r}")
         return n
-    try:
-        import torch
-
+    torch = sys.modules.get("torch")
+    if torch is not None and hasattr(torch, "get_num_threads"):
         return max(1, torch.get_num_threads())
-    except ImportError:
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    if omp.isdigit() and int(omp) > 0:
+        return int(omp)
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
         return max(1, os.cpu_count() or 1)
 
 

@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
-from . import _core
+from . import _core, dtypes
 
 
 @dataclass(frozen=True)
@@ -21,10 +21,7 @@ class TensorEntry:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return dtypes.numel(self.shape)
 
 
 @dataclass
@@ -68,44 +65,54 @@ def read_checkpoint(path) -> CheckpointInfo:
     return CheckpointInfo(str(raw["root"]), index, files, tensors, meta)
 
 
-TORCH_DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64",
-                     "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
-
-
 class TensorReader:
-    """Reads whole tensors with positioned reads into fresh buffers.
+    """Reads tensor bytes with positioned reads (the Rust core's reader) into
+    fresh buffers.
 
     Unlike a memory map, nothing stays resident after a tensor is dropped:
     mapped pages that were touched count in RSS until unmapped, which would
     make a merge's memory grow with the size of every input."""
 
-    def __init__(self):
-        self._fds = {}
+    def read_into(self, entry: TensorEntry, buffer, at: int = 0) -> None:
+        """Fills the writable ``buffer`` with the bytes of ``entry`` starting
+        ``at`` bytes into the tensor."""
+        n = memoryview(buffer).nbytes
+        if at < 0 or at + n > entry.nbytes:
+            raise ValueError(f"{entry.file}: tensor {entry.name!r}: {n} bytes at {at} overrun its {entry.nbytes} bytes")
+        _read_into(entry.file, entry.data_start + at, buffer)
+
+    def read_bytes(self, entry: TensorEntry) -> bytearray:
+        buf = bytearray(entry.nbytes)
+        self.read_into(entry, buf)
+        return buf
 
     def read(self, entry: TensorEntry):
+        """The tensor as a torch tensor (imports torch)."""
         import torch
 
-        name = TORCH_DTYPE_NAMES.get(entry.dtype)
-        if name is None:
-            raise ValueError(f"{entry.file}: tensor {entry.name!r} has dtype {entry.dtype}, which torch cannot hold")
-        fd = self._fds.get(entry.file)
-        if fd is None:
-            fd = self._fds[entry.file] = os.open(entry.file, os.O_RDONLY)
-        buf = bytearray(entry.nbytes)
-        view, done = memoryview(buf), 0
-        while done < entry.nbytes:
-            n = os.preadv(fd, [view[done:]], entry.data_start + done)
-            if n == 0:
-                raise ValueError(f"{entry.file}: truncated while reading tensor {entry.name!r}")
-            done += n
+        dt = dtypes.get(entry.dtype)
         if entry.nbytes == 0:
-            return torch.empty(entry.shape, dtype=getattr(torch, name))
-        return torch.frombuffer(buf, dtype=getattr(torch, name)).reshape(entry.shape)
+            return torch.empty(entry.shape, dtype=dtypes.to_torch(dt.name))
+        return torch.frombuffer(self.read_bytes(entry), dtype=dtypes.to_torch(dt.name)).reshape(entry.shape)
 
     def close(self):
-        for fd in self._fds.values():
+        pass  # the Rust reader opens and closes the file per read
+
+
+def _read_into(path: str, offset: int, buffer) -> None:
+    try:
+        _core.read_tensor_into(path, offset, buffer)
+    except AttributeError:  # pragma: no cover - older extension builds
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            view, done = memoryview(buffer).cast("B"), 0
+            while done < len(view):
+                k = os.preadv(fd, [view[done:]], offset + done)
+                if k == 0:
+                    raise ValueError(f"{path}: truncated at byte {offset + done}")
+                done += k
+        finally:
             os.close(fd)
-        self._fds = {}
 
 
 def human_bytes(n: int) -> str:
@@ -114,99 +121,3 @@ def human_bytes(n: int) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n} B"
-
-
-# --- writing ---------------------------------------------------------------
-
-SAFETENSORS_DTYPES = {
-    "torch.float32": "F32", "torch.float16": "F16", "torch.bfloat16": "BF16", "torch.float64": "F64",
-    "torch.int64": "I64", "torch.int32": "I32", "torch.int16": "I16", "torch.int8": "I8",
-    "torch.uint8": "U8", "torch.bool": "BOOL",
-}
-
-
-@dataclass(frozen=True)
-class PlannedTensor:
-    name: str
-    dtype: str  # safetensors spelling
-    shape: tuple
-    nbytes: int
-
-
-class ShardedWriter:
-    """Writes a sharded safetensors checkpoint whose headers are computed up
-    front from the planned tensors, so each tensor is written at its final
-    offset as soon as it is produced and nothing accumulates in memory.
-
-    Files are named like Hugging Face's (``model-00001-of-00003.safetensors``
-    plus ``model.safetensors.index.json``; a single ``model.safetensors`` when
-    everything fits in one shard).
-    """
-
-    def __init__(self, folder, planned, max_shard_bytes: int, metadata=None):
-        import json as _json
-
-        self.folder = os.fspath(folder)
-        groups, size = [[]], 0
-        for t in planned:
-            if groups[-1] and size + t.nbytes > max_shard_bytes:
-                groups.append([])
-                size = 0
-            groups[-1].append(t)
-            size += t.nbytes
-        n = len(groups)
-        names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-        self.where = {}
-        self.files = []
-        for fname, group in zip(names, groups):
-            header, offset = {"__metadata__": {"format": "pt", **(metadata or {})}}, 0
-            for t in group:
-                header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
-                offset += t.nbytes
-            raw = _json.dumps(header, separators=(",", ":")).encode()
-            raw += b" " * (-len(raw) % 8)  # 8-byte aligned data section
-            path = os.path.join(self.folder, fname)
-            with open(path, "wb") as f:
-                f.write(len(raw).to_bytes(8, "little"))
-                f.write(raw)
-                f.truncate(8 + len(raw) + offset)
-            start = 8 + len(raw)
-            for t in group:
-                self.where[t.name] = (path, start + header[t.name]["data_offsets"][0], t)
-            self.files.append(path)
-        if n > 1:
-            index = {"metadata": {"total_size": sum(t.nbytes for t in planned)},
-                     "weight_map": {t.name: fname for fname, g in zip(names, groups) for t in g}}
-            with open(os.path.join(self.folder, "model.safetensors.index.json"), "w") as f:
-                _json.dump(index, f, indent=2)
-        self._handles = {}
-
-    def write(self, name: str, tensor) -> None:
-        path, offset, planned = self.where[name]
-        dtype = SAFETENSORS_DTYPES.get(str(tensor.dtype))
-        if dtype != planned.dtype or tuple(tensor.shape) != tuple(planned.shape):
-            raise ValueError(f"{name}: planned {planned.dtype} {list(planned.shape)}, got {dtype} {list(tensor.shape)}")
-        data = tensor.contiguous().view(-1).view(__import__("torch").uint8).numpy()
-        f = self._handles.get(path)
-        if f is None:
-            f = self._handles[path] = open(path, "r+b")
-        f.seek(offset)
-        f.write(memoryview(data))
-
-    def close(self, sync: bool = True) -> None:
-        """Closes the shards; with ``sync``, waits until they are on disk
-        (before an atomic rename, so a crash cannot leave a renamed folder of
-        half-written files)."""
-        for f in self._handles.values():
-            f.close()
-        self._handles = {}
-        if not sync:
-            return
-        # Tensors may also have been written at their offsets by the Rust
-        # core through its own handles: flush every shard.
-        for path in self.files:
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)

@@ -6,20 +6,37 @@ temporaries, exact thresholds by selection, Philox DARE masks);
 ``merge_checkpoints`` streams whole checkpoints chunk by chunk from disk;
 ``METHODS`` is the one registry of merge methods; ``ATLAS`` learns
 per-block task-vector coefficients with autograd.
+
+Names are imported on first use: a streamed CPU merge (config, checkpoints,
+methods) runs without importing torch.
 """
 
-from .atlas import ATLAS, fit_atlas, prediction_entropy, train_atlas
-from .checkpoints import MergeError, MergeReport, load_state_dict, merge_checkpoints
-from .config import ConfigError, MergeConfig, load_config, parse_config
-from .methods import METHODS, MergeMethod, get_method
-from .permute import PermutationSpec, apply_permutation, invert_permutations, mlp_spec, weight_matching
-from .task_vector import TaskVector
-from .tensor import SPARSIFIERS, merge_tensors, rng_stream, sparsify
+import importlib
 
-__all__ = [
-    "ATLAS", "fit_atlas", "prediction_entropy", "train_atlas",
-    "PermutationSpec", "apply_permutation", "invert_permutations", "mlp_spec", "weight_matching",
-    "METHODS", "TaskVector", "ConfigError", "MergeConfig", "MergeError", "MergeMethod", "MergeReport",
-    "SPARSIFIERS", "get_method", "load_config", "load_state_dict", "merge_checkpoints", "merge_tensors", "parse_config",
-    "rng_stream", "sparsify",
-]
+_WHERE = {
+    "ATLAS": "atlas", "fit_atlas": "atlas", "prediction_entropy": "atlas", "train_atlas": "atlas",
+    "MergeError": "checkpoints", "MergeReport": "checkpoints", "load_state_dict": "checkpoints",
+    "merge_checkpoints": "checkpoints",
+    "ConfigError": "config", "MergeConfig": "config", "load_config": "config", "parse_config": "config",
+    "METHODS": "methods", "MergeMethod": "methods", "get_method": "methods",
+    "PermutationSpec": "permute", "apply_permutation": "permute", "invert_permutations": "permute",
+    "mlp_spec": "permute", "weight_matching": "permute",
+    "TaskVector": "task_vector",
+    "SPARSIFIERS": "terms", "rng_stream": "terms",
+    "merge_tensors": "tensor", "sparsify": "tensor",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name):
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'ferrox.merge' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_WHERE))

@@ -9,7 +9,9 @@ outliers dropped first (the paper's γ, ``outlier_frac``). ferrox also reads
 ranks per tensor; the Breadcrumbs paper's code per row).
 """
 
+import math
 import os
+import stat
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
@@ -50,6 +52,8 @@ class MergeConfig:
     dtype: Optional[str]
     out_dtype: Optional[str]
     source: dict
+    #: the YAML file it was read from (an input the output may not overwrite)
+    config_path: Optional[str] = None
 
     def resolved(self) -> dict:
         """The config with every default filled in (written as provenance)."""
@@ -72,13 +76,64 @@ def _scalar(where: str, key: str, value):
     return value
 
 
+F32_MAX = 3.4028234663852886e38
+
+
+def _kind(value) -> str:
+    return "a string" if isinstance(value, str) else type(value).__name__
+
+
+def _number(where: str, key: str, value) -> float:
+    """A finite real number (YAML int or float; not a bool or a string)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{where}: {key} must be a number, got {value!r} ({_kind(value)})")
+    try:
+        v = float(value)
+    except OverflowError:
+        raise ConfigError(f"{where}: {key} must be a finite number, got {value!r}") from None
+    if not math.isfinite(v):
+        raise ConfigError(f"{where}: {key} must be a finite number, got {value!r}")
+    if abs(v) > F32_MAX:  # the merge computes in float32: this would be inf there
+        raise ConfigError(f"{where}: {key} must be a finite number within float32's range, got {value!r}")
+    return v
+
+
+def _fraction(where: str, key: str, value) -> float:
+    v = _number(where, key, value)
+    if not 0.0 <= v <= 1.0:
+        raise ConfigError(f"{where}: {key} must be a fraction in [0, 1], got {value!r}")
+    return v
+
+
+def _flag(where: str, key: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where}: {key} must be true or false, got {value!r} ({_kind(value)})")
+    return value
+
+
+def _seed(where: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{where}: seed must be an integer, got {value!r} ({_kind(value)})")
+    if not 0 <= value < 2**64:
+        raise ConfigError(f"{where}: seed must be in [0, 2**64), got {value}")
+    return value
+
+
+def _choice(where: str, key: str, value, allowed) -> str:
+    if not isinstance(value, str) or value not in allowed:
+        raise ConfigError(f"{where}: {key} must be one of {sorted(allowed)}, got {value!r}")
+    return value
+
+
 def _params(where: str, raw, allowed) -> dict:
     if raw is None:
         return {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: parameters must be a mapping, got {type(raw).__name__}")
+        raise ConfigError(f"{where}: parameters must be a mapping, got {_kind(raw)}")
     out = {}
     for key, value in raw.items():
+        if not isinstance(key, str):
+            raise ConfigError(f"{where}: parameter names must be strings, got {key!r}")
         if key in REFUSED_PARAMS:
             raise ConfigError(f"{where}: parameter {key!r} is not supported by ferrox yet")
         key = ALIASES.get(key, key)
@@ -89,7 +144,7 @@ def _params(where: str, raw, allowed) -> dict:
 
 
 def _local_path(where: str, path, config_dir: str) -> str:
-    if not isinstance(path, str) or not path:
+    if not isinstance(path, str) or not path or "\0" in path:
         raise ConfigError(f"{where}: expected a local path, got {path!r}")
     full = path if os.path.isabs(path) else os.path.join(config_dir, path)
     if not os.path.exists(full):
@@ -97,16 +152,6 @@ def _local_path(where: str, path, config_dir: str) -> str:
             raise ConfigError(f"{where}: {path!r} looks like a hub model id; ferrox never downloads, give a local folder")
         raise ConfigError(f"{where}: no such model file or folder: {full}")
     return os.path.normpath(full)
-
-
-def _fraction(where: str, key: str, v) -> float:
-    try:
-        v = float(v)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{where}: {key} must be a number, got {v!r}") from None
-    if not 0.0 <= v <= 1.0:
-        raise ConfigError(f"{where}: {key} must be a fraction in [0, 1], got {v}")
-    return v
 
 
 def parse_config(raw: dict, config_dir: str = ".") -> MergeConfig:
@@ -119,7 +164,18 @@ def parse_config(raw: dict, config_dir: str = ".") -> MergeConfig:
             raise ConfigError(f"unknown config key {key!r} (known: {sorted(TOP_KEYS)})")
     if "merge_method" not in raw:
         raise ConfigError("config: merge_method is required")
-    method = get_method(raw["merge_method"])
+    if not isinstance(raw["merge_method"], str):
+        raise ConfigError(f"config: merge_method must be a method name, got {raw['merge_method']!r}")
+    if "name" in raw and not isinstance(raw["name"], str):
+        raise ConfigError(f"config: name must be a string, got {raw['name']!r}")
+    try:
+        method = get_method(raw["merge_method"])
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    dtype, out_dtype = raw.get("dtype"), raw.get("out_dtype")
+    for key, value in (("dtype", dtype), ("out_dtype", out_dtype)):
+        if value is not None:
+            _choice("config", key, value, DTYPES)
     glob = _params("parameters", raw.get("parameters"), GLOBAL_PARAMS | PER_MODEL | set(ALIASES))
     base = raw.get("base_model")
     if method.needs_base and not base:
@@ -143,38 +199,47 @@ def parse_config(raw: dict, config_dir: str = ".") -> MergeConfig:
             continue  # mergekit lets the base appear among the models; it carries no delta
         if "weight" not in params:
             raise ConfigError(f"{where}: parameter 'weight' is required for {method.name}")
-        try:
-            params["weight"] = float(params["weight"])
-        except (TypeError, ValueError):
-            raise ConfigError(f"{where}: weight must be a number, got {params['weight']!r}") from None
+        params["weight"] = _number(where, "weight", params["weight"])
         for key in ("density", "gamma"):
             if key in params:
                 params[key] = _fraction(where, key, params[key])
         models.append(ModelEntry(path, params))
     if not models:
         raise ConfigError("config: no models besides the base model")
-    dtype, out_dtype = raw.get("dtype"), raw.get("out_dtype")
-    for key, value in (("dtype", dtype), ("out_dtype", out_dtype)):
-        if value is not None and value not in DTYPES:
-            raise ConfigError(f"config: {key} must be one of {sorted(DTYPES)}, got {value!r}")
-    granularity = glob.get("granularity", "tensor")
-    if granularity not in ("tensor", "row"):
-        raise ConfigError(f"parameters: granularity must be 'tensor' or 'row', got {granularity!r}")
+    granularity = _choice("parameters", "granularity", glob.get("granularity", "tensor"), {"tensor", "row"})
     return MergeConfig(
         method=method, base=base, models=models,
-        normalize=bool(glob.get("normalize", method.normalize)),
-        rescale=bool(glob.get("rescale", method.rescale)),
-        lam=float(glob.get("lambda", 1.0)),
-        granularity=granularity, seed=int(glob.get("seed", 0)),
+        normalize=_flag("parameters", "normalize", glob.get("normalize", method.normalize)),
+        rescale=_flag("parameters", "rescale", glob.get("rescale", method.rescale)),
+        lam=_number("parameters", "lambda", glob.get("lambda", 1.0)),
+        granularity=granularity, seed=_seed("parameters", glob.get("seed", 0)),
         dtype=dtype, out_dtype=out_dtype, source=raw,
     )
 
 
+#: Larger config files are refused (a merge config is a few KiB).
+MAX_CONFIG_BYTES = 1 << 20
+
+
 def load_config(path) -> MergeConfig:
     path = os.fspath(path)
+    st = os.stat(path)  # FileNotFoundError names the path
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigError(f"{path}: not a regular file")
+    if st.st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: {st.st_size} bytes is too large for a merge config (at most {MAX_CONFIG_BYTES})")
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             raw = yaml.safe_load(f)
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    return parse_config(raw, os.path.dirname(os.path.abspath(path)))
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to be a merge config") from None
+    try:
+        cfg = parse_config(raw, os.path.dirname(os.path.abspath(path)))
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to be a merge config") from None
+    cfg.config_path = os.path.abspath(path)
+    return cfg

@@ -1,6 +1,5 @@
 """Merging one tensor (the unit every checkpoint merge streams through)."""
 
-import hashlib
 from typing import Optional, Sequence
 
 import torch
@@ -8,28 +7,7 @@ import torch
 from .. import _checks, _core
 from ..cuda import stream_of
 from .methods import MergeMethod, get_method
-
-GRANULARITIES = ("tensor", "row")
-#: The sparsifiers every method is built from (``MergeMethod.sparsify``).
-SPARSIFIERS = ("none", "magnitude", "band", "random")
-
-
-def rng_stream(tensor_name: str, model_index: int) -> int:
-    """The Philox stream of one model's DARE mask on one tensor: a stable
-    hash, so masks do not depend on tensor order, threads or chunking."""
-    digest = hashlib.blake2b(f"{tensor_name}\0{model_index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little")
-
-
-def _per_model(name, value, n, default):
-    if value is None:
-        value = default
-    if isinstance(value, (int, float)):
-        return [float(value)] * n
-    value = [float(v) for v in value]
-    if len(value) != n:
-        raise ValueError(f"{name}: expected {n} values (one per model), got {len(value)}")
-    return value
+from .terms import GRANULARITIES, SPARSIFIERS, merge_terms, rng_stream, row_length  # noqa: F401
 
 
 def merge_tensors(
@@ -119,24 +97,3 @@ def sparsify(
                     model_params=("density", "gamma"), reference="")
     return merge_tensors(m, None, [tau], weight=1.0, density=density, gamma=gamma, granularity=granularity,
                          seed=seed, tensor_name=tensor_name)
-
-
-def merge_terms(m: MergeMethod, n: int, *, weight=None, density=None, gamma=None, seed: int = 0,
-                tensor_name: str = ""):
-    """(weights, sparsifier specs) of n models, as the Rust core takes them."""
-    weights = _per_model("weight", weight, n, 1.0)
-    densities = [_checks.fraction("density", d) for d in _per_model("density", density, n, 1.0)]
-    gammas = [_checks.fraction("gamma", g) for g in _per_model("gamma", gamma, n, 0.01)]
-    _checks.count("seed", seed, 0, 2**64 - 1)
-    sparsify = [(m.sparsify, d, g, seed, rng_stream(tensor_name, i)) for i, (d, g) in enumerate(zip(densities, gammas))]
-    return weights, sparsify
-
-
-def row_length(granularity: str, shape: tuple) -> int:
-    """The row length selection ranks within (0: the whole tensor)."""
-    if granularity not in GRANULARITIES:
-        raise ValueError(f"granularity: expected one of {GRANULARITIES}, got {granularity!r}")
-    numel = 1
-    for d in shape:
-        numel *= d
-    return shape[-1] if granularity == "row" and len(shape) > 0 and numel > 0 else 0

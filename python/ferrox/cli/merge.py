@@ -1,0 +1,38 @@
+"""``ferrox merge CONFIG OUT``: runs a mergekit-style YAML merge config,
+streaming every tensor from the input files to the output through the Rust
+core (torch is imported only for ``--device cuda``)."""
+
+from . import _common
+
+
+def add_parser(sub, parent=None):
+    p = _common.add_command(sub, "merge", run, "merge checkpoints from a mergekit-style YAML config")
+    p.add_argument("config", help="YAML config (mergekit's keys, plus keep_frac/outlier_frac/granularity/seed)")
+    _common.add_output_options(p)
+    p.add_argument("--cuda", action="store_true", help="same as --device cuda (mergekit's flag)")
+    p.add_argument("--random-seed", type=int, help="seed for DARE masks (overrides the config's seed)")
+    p.add_argument("--out-shard-size", type=_common.count, default=_common.count("5B"),
+                   help="elements per output shard, mergekit's units (default 5B)")
+    p.add_argument("--allow-crimes", action="store_true", help="accepted for mergekit compatibility (no effect)")
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="merge NaN/Inf inputs instead of refusing them (methods that rank |delta|, ties and "
+                        "breadcrumbs, still refuse a NaN delta: it has no rank)")
+    return p
+
+
+def run(args) -> int:
+    from .. import checkpoint
+    from ..merge.checkpoints import merge_checkpoints
+    from ..merge.config import _seed, load_config
+
+    out = _common.output_path(args)
+    device = "cuda" if args.cuda else args.device
+    cfg = load_config(args.config)
+    if args.random_seed is not None:
+        cfg.seed = _seed("--random-seed", args.random_seed)
+    report = merge_checkpoints(cfg, out, force=args.force, max_shard_elements=args.out_shard_size,
+                               allow_nonfinite=args.allow_nonfinite, progress=_common.progress(args),
+                               device=device, fsync=not args.no_fsync)
+    _common.say(args, f"merged {report.merged} tensors ({report.copied} copied) with {cfg.method.name} into "
+                      f"{report.out}: {checkpoint.human_bytes(report.bytes_written)} in {report.seconds:.1f} s")
+    return 0
