@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use ferrox_core::merge::{self, FileInputs, FileOutput, FileTensor, Granularity, Model, Params, Sparsify, Term};
 use ferrox_core::{DType, Error};
 use pyo3::prelude::*;
+use pyo3::types::PyDict;
 
 use crate::error::to_py;
 use crate::runtime::compute;
@@ -85,6 +86,7 @@ pub fn merge_tensor(
     stream: u64,
 ) -> PyResult<u64> {
     let out = Tensor::output("out", out)?;
+    let base_device = base.getattr("device")?;
     let base = Tensor::input("base", base)?;
     let models = models.iter().map(|m| Tensor::input("models[i]", m)).collect::<PyResult<Vec<_>>>()?;
     let terms = (|| {
@@ -108,12 +110,28 @@ pub fn merge_tensor(
     if let Device::Cuda(ordinal) = base.device {
         let model_ptrs: Vec<u64> = models.iter().map(|m| m.ptr).collect();
         let (dtype, po, pb, numel) = (base.dtype, out.ptr, base.ptr, base.numel());
-        return compute(py, move || {
-            let t = merge::cuda::DeviceTensors { ordinal, stream, dtype, out: po, base: pb, models: &model_ptrs, numel };
+        let bytes = merge::cuda::workspace_bytes(dtype, numel, &terms, &params).map_err(to_py)?;
+        // Scratch from torch's caching allocator on the current stream (the
+        // one the merge runs on): torch's memory stats count it, running out
+        // is torch.OutOfMemoryError, and freeing it waits for nothing.
+        let torch = py.import("torch")?;
+        let kwargs = PyDict::new(py);
+        kwargs.set_item("dtype", torch.getattr("uint8")?)?;
+        kwargs.set_item("device", base_device)?;
+        let workspace = torch.getattr("empty")?.call(((bytes.max(1),),), Some(&kwargs))?;
+        let ws: u64 = workspace.call_method0("data_ptr")?.extract()?;
+        let changed = compute(py, move || {
+            let t = merge::cuda::DeviceTensors {
+                ordinal, stream, dtype, out: po, base: pb, models: &model_ptrs, numel, workspace: ws, workspace_bytes: bytes,
+            };
             // SAFETY: every tensor was checked to be a contiguous `dtype`
-            // tensor of `numel` elements on this device; `out` overlaps none.
+            // tensor of `numel` elements on this device; `out` overlaps none;
+            // the workspace is ours, `bytes` long, alive until this returns
+            // (the merge waits for its stream before returning).
             unsafe { merge::cuda::merge_tensor(&t, &terms, &params) }.map(|s| s.changed)
         });
+        drop(workspace);
+        return changed;
     }
     with_float!(base.dtype, "base", T => {
         let (b, o) = unsafe { (base.slice::<T>(), out.slice_mut::<T>()) };

@@ -1,13 +1,18 @@
 // Host simulation of the ferrox kernels, for tests on machines without a GPU.
 //
-// The test (host_sim.rs) pastes cuda/common.cu, ops.cu and philox.cu where
+// The test (host_sim.rs) pastes cuda/common.cu and the kernel sources where
 // the KERNELS marker is and compiles the result with the host C++ compiler
 // (-ffp-contract=off, so like NVRTC with --fmad=false no FMA is formed). The
-// kernels then run unchanged: a launch is every (block, thread) of the grid
-// in turn, which is a valid schedule because the kernels' threads never
-// communicate. This checks the kernels' own arithmetic, conversions and
-// indexing against the Rust CPU code; only NVRTC's code generation is left
-// to the GPU tests.
+// kernels then run unchanged. A launch runs the blocks one after another;
+// each block's threads are cooperative fibers (ucontext) run in thread order,
+// and __syncthreads() switches to the next thread, so every thread of the
+// block reaches a barrier before any passes it. That is a valid CUDA
+// schedule, deterministic, and it makes block-wide code (shared-memory
+// histograms, scans) run as written; __shared__ variables are statics, one
+// copy for the block that runs. A block whose threads do not all reach the
+// same barriers (undefined behaviour on a GPU) makes the launch fail. This
+// checks the kernels' arithmetic, conversions, indexing and barriers against
+// the Rust CPU code; only NVRTC's code generation is left to the GPU tests.
 //
 // Usage: sim CMD ARGS... ; binary inputs on stdin, binary outputs on stdout.
 //   philox_uniform|philox_normal SEED STREAM OFFSET N MISALIGN GRID   -> N f32
@@ -16,15 +21,19 @@
 //   to_f16|to_bf16 COUNT (stdin: COUNT f32) -> COUNT u16
 //   from_f16|from_bf16 -> 65536 f32, for every 16-bit pattern
 
+#include <ucontext.h>
+
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <vector>
 
 #define __global__
 #define __device__
 #define __forceinline__ inline
+#define __shared__ static
 
 struct SimDim {
     unsigned x, y, z;
@@ -42,9 +51,14 @@ static inline float __uint_as_float(unsigned u) {
     return f;
 }
 static inline unsigned __umulhi(unsigned a, unsigned b) { return (unsigned)(((unsigned long long)a * b) >> 32); }
-// Threads run one after another here, so atomics are plain updates.
+// Fibers switch only at barriers, so an atomic is a plain update.
 static inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) {
     unsigned long long old = *p;
+    *p = old + v;
+    return old;
+}
+static inline unsigned atomicAdd(unsigned* p, unsigned v) {
+    unsigned old = *p;
     *p = old + v;
     return old;
 }
@@ -54,20 +68,75 @@ static inline unsigned long long atomicMin(unsigned long long* p, unsigned long 
     return old;
 }
 
-// @@KERNELS@@
+// ------------------------------------------------------------ fibers
 
+struct Fiber {
+    ucontext_t ctx;
+    std::vector<char> stack;
+    bool done;
+};
+static std::vector<Fiber> fibers;
+static ucontext_t scheduler;
+static unsigned current;
+static const std::function<void()>* body;
+static bool in_fiber = false;
+
+static void fiber_main() {
+    (*body)();
+    fibers[current].done = true;  // returning resumes the scheduler (uc_link)
+}
+
+static void __syncthreads() {
+    if (in_fiber) swapcontext(&fibers[current].ctx, &scheduler);
+}
+
+// Runs kernel() for every (block, thread) of a grid of `grid` blocks of
+// `block` threads. False if a block's threads diverged at a barrier.
 template <typename F>
-static void launch(unsigned grid, F kernel) {
+static bool launch(unsigned grid, unsigned block, F kernel) {
+    std::function<void()> k = kernel;
+    body = &k;
     gridDim = {grid, 1, 1};
-    blockDim = {256, 1, 1};
+    blockDim = {block, 1, 1};
+    if (fibers.size() < block) fibers.resize(block);
     for (unsigned b = 0; b < grid; ++b) {
-        for (unsigned t = 0; t < 256; ++t) {
-            blockIdx = {b, 0, 0};
-            threadIdx = {t, 0, 0};
-            kernel();
+        blockIdx = {b, 0, 0};
+        for (unsigned t = 0; t < block; ++t) {
+            Fiber& f = fibers[t];
+            f.stack.resize(1 << 16);
+            f.done = false;
+            getcontext(&f.ctx);
+            f.ctx.uc_stack.ss_sp = f.stack.data();
+            f.ctx.uc_stack.ss_size = f.stack.size();
+            f.ctx.uc_link = &scheduler;
+            makecontext(&f.ctx, fiber_main, 0);
+        }
+        for (;;) {
+            unsigned finished = 0;
+            for (unsigned t = 0; t < block; ++t) {
+                if (fibers[t].done) {
+                    ++finished;
+                    continue;
+                }
+                current = t;
+                threadIdx = {t, 0, 0};
+                in_fiber = true;
+                swapcontext(&scheduler, &fibers[t].ctx);
+                in_fiber = false;
+                finished += fibers[t].done;
+            }
+            if (finished == block) break;
+            if (finished > 0) {
+                // Some threads left while others wait at a barrier; the
+                // waiting ones are abandoned (their stacks are reset next time).
+                return false;
+            }
         }
     }
+    return true;
 }
+
+// @@KERNELS@@
 
 // A 16-byte aligned buffer of n elements, optionally starting one element in.
 template <typename T>
@@ -103,7 +172,7 @@ static int run_axpby(char** argv, K kernel) {
     read_all(x.p, n * sizeof(T));
     read_all(y.p, n * sizeof(T));
     T* out = alias == 1 ? x.p : alias == 2 ? y.p : o.p;
-    launch(grid, [&] { kernel(out, a, x.p, b, y.p, n); });
+    if (!launch(grid, 256, [&] { kernel(out, a, x.p, b, y.p, n); })) return 4;
     write_all(out, n * sizeof(T));
     return 0;
 }
@@ -111,72 +180,42 @@ static int run_axpby(char** argv, K kernel) {
 #ifdef FERROX_SIM_LIB
 // The library build: kernels launched by name with cuLaunchKernel's
 // convention (params[i] points at argument i), so the Rust merge driver runs
-// unchanged against the simulation.
+// unchanged against the simulation. Returns 0, 1 for an unknown kernel, 2 for
+// a block that diverged at a barrier.
 #define P(i, T) (*(T*)params[i])
-#define SIM_MERGE(SUFFIX, T)                                                                                       \
-    if (!std::strcmp(name, "merge_first_nonfinite_" #SUFFIX)) {                                                    \
-        launch(grid, [&] { merge_first_nonfinite_##SUFFIX(P(0, const T*), P(1, u64), P(2, unsigned long long*)); }); \
-        return 0;                                                                                                  \
-    }                                                                                                              \
-    if (!std::strcmp(name, "merge_hist_" #SUFFIX)) {                                                               \
-        launch(grid, [&] {                                                                                         \
-            merge_hist_##SUFFIX(P(0, const T*), P(1, const T*), P(2, u64), P(3, u32), P(4, u32),                   \
-                                P(5, unsigned long long*), P(6, unsigned long long*));                             \
-        });                                                                                                        \
-        return 0;                                                                                                  \
-    }                                                                                                              \
-    if (!std::strcmp(name, "merge_seg_ties_" #SUFFIX)) {                                                           \
-        launch(grid, [&] { merge_seg_ties_##SUFFIX(P(0, const T*), P(1, const T*), P(2, u64), P(3, u32), P(4, u32*)); }); \
-        return 0;                                                                                                  \
-    }                                                                                                              \
-    if (!std::strcmp(name, "merge_mask_" #SUFFIX)) {                                                               \
-        launch(grid, [&] {                                                                                         \
-            merge_mask_##SUFFIX(P(0, const T*), P(1, const T*), P(2, u64), P(3, u32), P(4, u32), P(5, u64),        \
-                                P(6, const u64*), P(7, u32), P(8, u64), P(9, const u64*), P(10, float), P(11, u64), \
-                                P(12, u64), P(13, unsigned char*));                                                \
-        });                                                                                                        \
-        return 0;                                                                                                  \
-    }                                                                                                              \
-    if (!std::strcmp(name, "merge_l1_" #SUFFIX)) {                                                                 \
-        launch(grid, [&] {                                                                                         \
-            merge_l1_##SUFFIX(P(0, const T*), P(1, const T*), P(2, u64), P(3, const unsigned char*), P(4, double*)); \
-        });                                                                                                        \
-        return 0;                                                                                                  \
-    }                                                                                                              \
-    if (!std::strcmp(name, "merge_row_cuts_" #SUFFIX)) {                                                           \
-        launch(grid, [&] {                                                                                         \
-            merge_row_cuts_##SUFFIX(P(0, const T*), P(1, const T*), P(2, u64), P(3, u64), P(4, int), P(5, u64),    \
-                                    P(6, u64), P(7, u64*), P(8, unsigned long long*));                             \
-        });                                                                                                        \
-        return 0;                                                                                                  \
-    }                                                                                                              \
-    if (!std::strcmp(name, "merge_row_mask_" #SUFFIX)) {                                                           \
-        launch(grid, [&] {                                                                                         \
-            merge_row_mask_##SUFFIX(P(0, const T*), P(1, const T*), P(2, u64), P(3, u64), P(4, const u64*),        \
-                                    P(5, unsigned char*));                                                         \
-        });                                                                                                        \
-        return 0;                                                                                                  \
-    }                                                                                                              \
-    if (!std::strcmp(name, "merge_row_l1_" #SUFFIX)) {                                                             \
-        launch(grid, [&] {                                                                                         \
-            merge_row_l1_##SUFFIX(P(0, const T*), P(1, const T*), P(2, u64), P(3, u64),                            \
-                                  P(4, const unsigned char*), P(5, double*));                                      \
-        });                                                                                                        \
-        return 0;                                                                                                  \
-    }                                                                                                              \
-    if (!std::strcmp(name, "merge_write_" #SUFFIX)) {                                                              \
-        launch(grid, [&] {                                                                                         \
-            merge_write_##SUFFIX(P(0, T*), P(1, const T*), P(2, const T*), P(3, const u64*), P(4, const u64*),     \
-                                 P(5, const float*), P(6, u64), P(7, const float*), P(8, u32), P(9, u64),          \
-                                 P(10, u32), P(11, u32), P(12, float), P(13, float), P(14, unsigned long long*));  \
-        });                                                                                                        \
-        return 0;                                                                                                  \
-    }
+typedef unsigned long long ull;
+typedef unsigned char uchar;
+#define SIM_KERNEL(NAME, CALL)                                        \
+    if (!std::strcmp(name, NAME)) return launch(grid, block, [&] { CALL; }) ? 0 : 2;
+#define SIM_MERGE(SUFFIX, T)                                                                                      \
+    SIM_KERNEL("merge_first_nonfinite_" #SUFFIX, merge_first_nonfinite_##SUFFIX(P(0, const T*), P(1, u64), P(2, ull*))) \
+    SIM_KERNEL("merge_hist_" #SUFFIX, merge_hist_##SUFFIX(P(0, const T*), P(1, const T*), P(2, u64), P(3, u32),       \
+                                                          P(4, const CutState*), P(5, ull*), P(6, ull*)))             \
+    SIM_KERNEL("merge_tile_ties_" #SUFFIX, merge_tile_ties_##SUFFIX(P(0, const T*), P(1, const T*), P(2, u64),        \
+                                                                    P(3, const CutState*), P(4, u32*)))               \
+    SIM_KERNEL("merge_mask_" #SUFFIX, merge_mask_##SUFFIX(P(0, const T*), P(1, const T*), P(2, u64),                  \
+                                                          P(3, const CutState*), P(4, const u64*), P(5, uchar*)))     \
+    SIM_KERNEL("merge_l1_" #SUFFIX, merge_l1_##SUFFIX(P(0, const T*), P(1, const T*), P(2, u64), P(3, const uchar*),  \
+                                                      P(4, double*)))                                                 \
+    SIM_KERNEL("merge_row_select_" #SUFFIX, merge_row_select_##SUFFIX(P(0, const T*), P(1, const T*), P(2, u64),      \
+                                                                      P(3, u64), P(4, u64), P(5, u64), P(6, uchar*),  \
+                                                                      P(7, ull*)))                                    \
+    SIM_KERNEL("merge_row_l1_" #SUFFIX, merge_row_l1_##SUFFIX(P(0, const T*), P(1, const T*), P(2, u64), P(3, u64),   \
+                                                              P(4, const uchar*), P(5, double*)))                     \
+    SIM_KERNEL("merge_write_" #SUFFIX, merge_write_##SUFFIX(P(0, T*), P(1, const T*), P(2, const T*), P(3, u64),      \
+                                                            P(4, const float*), P(5, u64), P(6, WriteArgs),           \
+                                                            P(7, const ull*), P(8, u32), P(9, ull*)))
 
-extern "C" int sim_launch(const char* name, unsigned grid, void** params) {
+extern "C" int sim_launch(const char* name, unsigned grid, unsigned block, void** params) {
     SIM_MERGE(f32, float)
     SIM_MERGE(f16, f16_t)
     SIM_MERGE(bf16, bf16_t)
+    SIM_KERNEL("merge_select_cuts", merge_select_cuts(P(0, const ull*), P(1, u32), P(2, u32), P(3, u64), P(4, u64),
+                                                      P(5, CutState*)))
+    SIM_KERNEL("merge_tile_scan", merge_tile_scan(P(0, const u32*), P(1, u64), P(2, const CutState*), P(3, u64*)))
+    SIM_KERNEL("merge_dare_mask", merge_dare_mask(P(0, u64), P(1, float), P(2, u64), P(3, u64), P(4, uchar*)))
+    SIM_KERNEL("merge_scales_tensor", merge_scales_tensor(P(0, double*), P(1, u64), P(2, float), P(3, float*)))
+    SIM_KERNEL("merge_scales_rows", merge_scales_rows(P(0, const double*), P(1, u64), P(2, float), P(3, float*)))
     return 1;
 }
 #else
@@ -190,12 +229,13 @@ int main(int argc, char** argv) {
         unsigned grid = (unsigned)arg(argv, 7);
         Buf<float> o(n, mis);
         bool normal = cmd[7] == 'n';
-        launch(grid, [&] {
+        bool ok = launch(grid, 256, [&] {
             if (normal)
                 philox_normal(o.p, seed, stream, offset, n);
             else
                 philox_uniform(o.p, seed, stream, offset, n);
         });
+        if (!ok) return 4;
         write_all(o.p, n * 4);
         return 0;
     }

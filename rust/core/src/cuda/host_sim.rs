@@ -3,8 +3,8 @@
 //! a GPU, that `cuda/*.cu` computes exactly what `ops.rs` / `philox.rs` do:
 //! the same float expression order, conversions and element indexing. What
 //! it cannot check is NVRTC's code generation; the PTX test in `tests.rs`
-//! and the GPU tests cover that. Skips when no C++ compiler (`$CXX` or
-//! `c++`) can be run.
+//! and the GPU tests cover that. Without a C++ compiler (`$CXX` or `c++`)
+//! the tests return early with a note, or fail under FERROX_REQUIRE_SIM=1.
 
 use super::{COMMON, SOURCES};
 use crate::{ops, philox, Float};
@@ -17,20 +17,58 @@ use std::sync::OnceLock;
 
 const HARNESS: &str = include_str!("host_sim.cpp");
 
+/// Whether a missing simulation piece (host compiler, simulator library,
+/// NVRTC) fails the test instead of skipping it: `FERROX_REQUIRE_SIM=1`, set
+/// by `make test-rust` and CI.
+pub(crate) fn required() -> bool {
+    std::env::var("FERROX_REQUIRE_SIM").is_ok_and(|v| v == "1")
+}
+
+/// `Some(v)`, or for a missing piece: a panic under FERROX_REQUIRE_SIM=1, a
+/// note and `None` (the test returns early) otherwise.
+pub(crate) fn or_skip<T>(what: &str, r: std::result::Result<T, String>) -> Option<T> {
+    match r {
+        Ok(v) => Some(v),
+        Err(why) if required() => panic!("FERROX_REQUIRE_SIM=1 and {what} is unavailable: {why}"),
+        Err(why) => {
+            eprintln!("skipping: {what} is unavailable: {why} (set FERROX_REQUIRE_SIM=1 to fail instead)");
+            None
+        }
+    }
+}
+
 /// The simulator binary, built once per source version (kept in the temp
 /// directory under a hash of its source, so reruns reuse it).
 fn sim() -> Option<&'static PathBuf> {
-    static EXE: OnceLock<Option<PathBuf>> = OnceLock::new();
-    EXE.get_or_init(|| build(&[])).as_ref()
+    static EXE: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
+    or_skip("the host simulation", EXE.get_or_init(|| build(&[])).as_ref().map_err(Clone::clone))
 }
 
 /// The simulator as a shared library exporting `sim_launch`.
-pub(crate) fn sim_library() -> Option<&'static PathBuf> {
-    static LIB: OnceLock<Option<PathBuf>> = OnceLock::new();
-    LIB.get_or_init(|| build(&["-shared", "-fPIC", "-DFERROX_SIM_LIB"])).as_ref()
+fn sim_library() -> std::result::Result<&'static PathBuf, String> {
+    static LIB: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
+    LIB.get_or_init(|| build(&["-shared", "-fPIC", "-DFERROX_SIM_LIB"])).as_ref().map_err(Clone::clone)
 }
 
-fn build(extra: &[&str]) -> Option<PathBuf> {
+/// The simulator library's `sim_launch(name, grid, block, params)`: 0 on
+/// success, 1 for an unknown kernel, 2 for a block whose threads diverged at
+/// a barrier. None (or a panic under FERROX_REQUIRE_SIM=1) says why not.
+pub(crate) type SimLaunch = unsafe extern "C" fn(*const std::ffi::c_char, u32, u32, *mut *mut std::ffi::c_void) -> i32;
+
+pub(crate) fn sim_launch() -> Option<libloading::Symbol<'static, SimLaunch>> {
+    static SYM: OnceLock<std::result::Result<libloading::Symbol<'static, SimLaunch>, String>> = OnceLock::new();
+    let loaded = SYM.get_or_init(|| {
+        let path = sim_library()?;
+        // SAFETY: our own harness library, kept loaded for the process.
+        let lib = unsafe { libloading::Library::new(path) }.map_err(|e| format!("cannot load {}: {e}", path.display()))?;
+        let lib: &'static libloading::Library = Box::leak(Box::new(lib));
+        // SAFETY: the symbol has this signature (host_sim.cpp).
+        unsafe { lib.get::<SimLaunch>(b"sim_launch\0") }.map_err(|e| format!("{} has no sim_launch: {e}", path.display()))
+    });
+    or_skip("the host simulation library", loaded.as_ref().map(|s| s.clone()).map_err(Clone::clone))
+}
+
+fn build(extra: &[&str]) -> std::result::Result<PathBuf, String> {
     let kernels: Vec<&str> = std::iter::once(COMMON).chain(SOURCES.iter().map(|s| s.text)).collect();
     let source = HARNESS.replace("// @@KERNELS@@", &kernels.join("\n"));
     let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
@@ -39,30 +77,26 @@ fn build(extra: &[&str]) -> Option<PathBuf> {
     let dir = std::env::temp_dir().join(format!("ferrox-host-sim-{:016x}", h.finish()));
     let exe = dir.join("sim");
     if exe.exists() {
-        return Some(exe);
+        return Ok(exe);
     }
-    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let pid = std::process::id();
     let cpp = dir.join(format!("sim-{pid}.cpp"));
     let tmp = dir.join(format!("sim-{pid}"));
-    std::fs::write(&cpp, &source).unwrap();
+    std::fs::write(&cpp, &source).map_err(|e| format!("cannot write {}: {e}", cpp.display()))?;
     let flags = ["-std=c++17", "-O2", "-ffp-contract=off", "-fno-fast-math", "-Wall", "-Wextra", "-Wno-unknown-pragmas"];
-    let out = match Command::new(&cxx).args(flags).args(extra).arg("-o").arg(&tmp).arg(&cpp).output() {
-        Ok(out) => out,
-        Err(e) => {
-            eprintln!("skipping host simulation: cannot run {cxx}: {e}");
-            return None;
-        }
-    };
+    let out = Command::new(&cxx).args(flags).args(extra).arg("-o").arg(&tmp).arg(&cpp).output();
     let _ = std::fs::remove_file(&cpp);
+    let out = out.map_err(|e| format!("cannot run the host C++ compiler {cxx} (set CXX): {e}"))?;
     let log = String::from_utf8_lossy(&out.stderr);
+    // Not a missing tool: broken kernel sources fail whatever the setting.
     assert!(out.status.success(), "the kernel sources do not compile as host C++:\n{log}");
     if !log.trim().is_empty() {
         eprintln!("host C++ warnings on the kernel sources:\n{log}");
     }
     // Atomic, so concurrent test runs never see a half-written binary.
-    std::fs::rename(&tmp, &exe).unwrap();
-    Some(exe)
+    std::fs::rename(&tmp, &exe).map_err(|e| format!("cannot move the simulator to {}: {e}", exe.display()))?;
+    Ok(exe)
 }
 
 fn run(args: &[String], input: Vec<u8>) -> Vec<u8> {

@@ -53,12 +53,13 @@ const SOURCES: &[Source] = &[
         prelude: PHILOX_CU,
         text: include_str!("../../../../cuda/merge.cu"),
         kernels: &[
-            "merge_first_nonfinite_f32", "merge_hist_f32", "merge_seg_ties_f32", "merge_mask_f32", "merge_l1_f32",
-            "merge_row_cuts_f32", "merge_row_mask_f32", "merge_row_l1_f32", "merge_write_f32",
-            "merge_first_nonfinite_f16", "merge_hist_f16", "merge_seg_ties_f16", "merge_mask_f16", "merge_l1_f16",
-            "merge_row_cuts_f16", "merge_row_mask_f16", "merge_row_l1_f16", "merge_write_f16",
-            "merge_first_nonfinite_bf16", "merge_hist_bf16", "merge_seg_ties_bf16", "merge_mask_bf16", "merge_l1_bf16",
-            "merge_row_cuts_bf16", "merge_row_mask_bf16", "merge_row_l1_bf16", "merge_write_bf16",
+            "merge_first_nonfinite_f32", "merge_hist_f32", "merge_tile_ties_f32", "merge_mask_f32", "merge_l1_f32",
+            "merge_row_select_f32", "merge_row_l1_f32", "merge_write_f32",
+            "merge_first_nonfinite_f16", "merge_hist_f16", "merge_tile_ties_f16", "merge_mask_f16", "merge_l1_f16",
+            "merge_row_select_f16", "merge_row_l1_f16", "merge_write_f16",
+            "merge_first_nonfinite_bf16", "merge_hist_bf16", "merge_tile_ties_bf16", "merge_mask_bf16", "merge_l1_bf16",
+            "merge_row_select_bf16", "merge_row_l1_bf16", "merge_write_bf16",
+            "merge_select_cuts", "merge_tile_scan", "merge_dare_mask", "merge_scales_tensor", "merge_scales_rows",
         ],
     },
 ];
@@ -241,6 +242,9 @@ const DRIVER_SYMBOLS: &[&str] = &[
     "cuModuleUnload",
     "cuModuleGetFunction",
     "cuLaunchKernel",
+    "cuMemsetD8Async",
+    "cuMemcpyDtoHAsync_v2",
+    "cuStreamSynchronize",
     "cuGetErrorName",
     "cuGetErrorString",
 ];
@@ -670,6 +674,15 @@ fn device_kernels(ordinal: i32) -> Result<Arc<DeviceKernels>> {
 /// `params` point at the kernel's arguments, with the kernel's types; the
 /// device pointers among them are valid for what the kernel touches.
 pub(crate) unsafe fn launch(ordinal: i32, stream: u64, kernel: &'static str, items: u64, params: &mut [*mut c_void]) -> Result<()> {
+    let blocks = items.div_ceil(THREADS as u64).clamp(1, (multiprocessors(ordinal)? * BLOCKS_PER_SM) as u64) as u32;
+    launch_grid(ordinal, stream, kernel, blocks, THREADS, params)
+}
+
+/// Launches `kernel` as `grid` blocks of `block` threads on `stream`.
+///
+/// # Safety
+/// As `launch`.
+pub(crate) unsafe fn launch_grid(ordinal: i32, stream: u64, kernel: &'static str, grid: u32, block: u32, params: &mut [*mut c_void]) -> Result<()> {
     if ordinal < 0 {
         return Err(Error::Value(format!("device: cuda:{ordinal} does not exist")));
     }
@@ -677,85 +690,62 @@ pub(crate) unsafe fn launch(ordinal: i32, stream: u64, kernel: &'static str, ite
     guarded(&format!("launching {kernel} on cuda:{ordinal}"), || {
         let dk = device_kernels(ordinal)?;
         let f = *dk.functions.get(kernel).ok_or_else(|| Error::Cuda(format!("no kernel {kernel}")))?;
-        let blocks = items.div_ceil(THREADS as u64).clamp(1, (dk.multiprocessors * BLOCKS_PER_SM) as u64) as u32;
         let _current = CurrentCtx::enter(dk.ctx)?;
         // SAFETY: the caller vouches for the arguments; the stream is the
         // caller's (0 = legacy default stream) on this device's context.
-        drv::launch_kernel(f, (blocks, 1, 1), (THREADS, 1, 1), 0, stream as usize as dsys::CUstream, params)
+        drv::launch_kernel(f, (grid.max(1), 1, 1), (block.max(1), 1, 1), 0, stream as usize as dsys::CUstream, params)
             .map_err(|e| driver_err(&format!("launching {kernel} on cuda:{ordinal}"), e))
+    })
+}
+
+/// The device's multiprocessor count (queried once, when its kernels load).
+pub(crate) fn multiprocessors(ordinal: i32) -> Result<u32> {
+    if ordinal < 0 {
+        return Err(Error::Value(format!("device: cuda:{ordinal} does not exist")));
+    }
+    driver()?;
+    guarded("reading the multiprocessor count", || Ok(device_kernels(ordinal)?.multiprocessors))
+}
+
+/// Sets `bytes` bytes at `ptr` to `value`, queued on `stream` (ordered with
+/// the kernels around it; nothing waits).
+///
+/// # Safety
+/// `ptr` addresses `bytes` bytes of device memory on `ordinal`, valid until
+/// the work queued on `stream` completes.
+pub(crate) unsafe fn memset_async(ordinal: i32, stream: u64, ptr: u64, value: u8, bytes: usize) -> Result<()> {
+    if bytes == 0 {
+        return Ok(());
+    }
+    driver()?;
+    guarded("cuMemsetD8Async", || {
+        let dk = device_kernels(ordinal)?;
+        let _current = CurrentCtx::enter(dk.ctx)?;
+        drv::memset_d8_async(ptr, value, bytes, stream as usize as dsys::CUstream).map_err(|e| driver_err("cuMemsetD8Async", e))
+    })
+}
+
+/// Copies `out.len()` bytes from `ptr` once the work queued on `stream` before
+/// it has run: the copy is queued on `stream`, then the host waits for the
+/// stream (the one host wait of a merge).
+///
+/// # Safety
+/// `ptr` addresses `out.len()` bytes of device memory on `ordinal`.
+pub(crate) unsafe fn read_after(ordinal: i32, stream: u64, ptr: u64, out: &mut [u8]) -> Result<()> {
+    driver()?;
+    guarded("reading back from the device", || {
+        let dk = device_kernels(ordinal)?;
+        let _current = CurrentCtx::enter(dk.ctx)?;
+        let s = stream as usize as dsys::CUstream;
+        if !out.is_empty() {
+            drv::memcpy_dtoh_async(out, ptr, s).map_err(|e| driver_err("cuMemcpyDtoHAsync", e))?;
+        }
+        drv::stream::synchronize(s).map_err(|e| driver_err("cuStreamSynchronize", e))
     })
 }
 
 pub(crate) fn arg<T>(v: &mut T) -> *mut c_void {
     v as *mut T as *mut c_void
-}
-
-/// Scratch memory on one device for multi-kernel algorithms (histograms,
-/// masks, counters), freed when dropped. Copies wait for `stream`, so they
-/// are ordered after the kernels queued there.
-pub(crate) struct DeviceBuffer {
-    ordinal: i32,
-    ptr: u64,
-    bytes: usize,
-}
-
-impl DeviceBuffer {
-    /// `bytes` of zeroed device memory (at least 1 byte is allocated).
-    pub(crate) fn zeroed(ordinal: i32, bytes: usize) -> Result<Self> {
-        driver()?;
-        let dk = device_kernels(ordinal)?;
-        let _current = CurrentCtx::enter(dk.ctx)?;
-        // SAFETY: allocation and memset of memory we own, in the device's context.
-        let ptr = unsafe { drv::malloc_sync(bytes.max(1)) }.map_err(|e| driver_err("cuMemAlloc", e))?;
-        let buf = DeviceBuffer { ordinal, ptr, bytes };
-        unsafe { drv::memset_d8_sync(ptr, 0, bytes.max(1)) }.map_err(|e| driver_err("cuMemsetD8", e))?;
-        Ok(buf)
-    }
-
-    /// A buffer holding `values`.
-    pub(crate) fn from_slice<T: Copy>(ordinal: i32, values: &[T]) -> Result<Self> {
-        let buf = DeviceBuffer::zeroed(ordinal, std::mem::size_of_val(values))?;
-        if !values.is_empty() {
-            let dk = device_kernels(ordinal)?;
-            let _current = CurrentCtx::enter(dk.ctx)?;
-            // SAFETY: the buffer holds exactly `values`' bytes.
-            unsafe { drv::memcpy_htod_sync(buf.ptr, values) }.map_err(|e| driver_err("cuMemcpyHtoD", e))?;
-        }
-        Ok(buf)
-    }
-
-    pub(crate) fn ptr(&self) -> u64 {
-        self.ptr
-    }
-
-    /// The buffer's contents as `len` values of T, after the work queued on
-    /// `stream` has finished.
-    pub(crate) fn read<T: Copy + Default>(&self, stream: u64, len: usize) -> Result<Vec<T>> {
-        assert!(len * std::mem::size_of::<T>() <= self.bytes, "read past a device buffer");
-        let dk = device_kernels(self.ordinal)?;
-        let _current = CurrentCtx::enter(dk.ctx)?;
-        let mut out = vec![T::default(); len];
-        // SAFETY: a stream of this device's context; the copy stays in bounds.
-        unsafe {
-            drv::stream::synchronize(stream as usize as dsys::CUstream).map_err(|e| driver_err("cuStreamSynchronize", e))?;
-            if len > 0 {
-                drv::memcpy_dtoh_sync(&mut out, self.ptr).map_err(|e| driver_err("cuMemcpyDtoH", e))?;
-            }
-        }
-        Ok(out)
-    }
-}
-
-impl Drop for DeviceBuffer {
-    fn drop(&mut self) {
-        if let Ok(dk) = device_kernels(self.ordinal) {
-            if let Ok(_current) = CurrentCtx::enter(dk.ctx) {
-                // cuMemFree waits for work using the memory to finish.
-                // SAFETY: allocated by `zeroed`, freed once.
-                let _ = unsafe { drv::free_sync(self.ptr) };
-            }
-        }
-    }
 }
 
 pub(crate) fn check_ptr(what: &str, p: u64) -> Result<()> {

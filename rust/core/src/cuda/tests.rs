@@ -1,5 +1,6 @@
 //! Tests of the CUDA runtime. NVRTC tests run wherever NVRTC is found
-//! (LD_LIBRARY_PATH or FERROX_NVRTC) and skip with a note otherwise; the
+//! (LD_LIBRARY_PATH or FERROX_NVRTC) and return early with a note otherwise
+//! (they fail instead under FERROX_REQUIRE_SIM=1, as `make test-rust` sets); the
 //! GPU tests run where a driver and a device are present and skip otherwise.
 //! Environment-dependent probes run in a child process (this test binary,
 //! re-entered) so that no test changes this process's environment.
@@ -9,14 +10,9 @@ use crate::{ops, philox, Float};
 use half::{bf16, f16};
 use std::process::Command;
 
+/// NVRTC, or None with a note; a panic under FERROX_REQUIRE_SIM=1.
 fn nvrtc_or_skip() -> Option<&'static Nvrtc> {
-    match nvrtc_lib() {
-        Ok(nv) => Some(nv),
-        Err(e) => {
-            eprintln!("skipping: NVRTC not available ({e})");
-            None
-        }
-    }
+    super::host_sim::or_skip("NVRTC", nvrtc_lib().map_err(|e| e.to_string()))
 }
 
 // ------------------------------------------------------------------ NVRTC
@@ -167,10 +163,8 @@ fn driver_probe_never_panics() {
 /// FERROX_NVRTC alone (no LD_LIBRARY_PATH) must be enough to find NVRTC.
 #[test]
 fn ferrox_nvrtc_preload_is_used() {
-    let Some(path) = nvrtc_on_library_path() else {
-        eprintln!("skipping: no libnvrtc.so* in LD_LIBRARY_PATH to point FERROX_NVRTC at");
-        return;
-    };
+    let found = nvrtc_on_library_path().ok_or_else(|| "no libnvrtc.so* in LD_LIBRARY_PATH to point FERROX_NVRTC at".to_string());
+    let Some(path) = super::host_sim::or_skip("NVRTC", found) else { return };
     let lines = probe(&[("LD_LIBRARY_PATH", None), ("FERROX_CUDA_DRIVER", None), ("FERROX_NVRTC", Some(&path))]);
     let l = lines.iter().find(|l| l.starts_with("PROBE-NVRTC")).unwrap();
     assert!(l.starts_with("PROBE-NVRTC OK") && l.contains(&path), "{l}");

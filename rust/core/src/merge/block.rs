@@ -219,7 +219,7 @@ fn first_nonfinite<T: Float>(base: &[T], models: &[&[T]], block: Range<usize>, a
             .chain(models.iter().enumerate().map(|(m, x)| (format!("models[{m}]"), x[block.start + j])));
         for (name, v) in inputs {
             if !v.to_f32().is_finite() {
-                return Error::Value(format!("{name}: non-finite value {} at flat index {}", v.to_f32(), at + j));
+                return super::nonfinite_error(&name, v.to_f32(), at + j);
             }
         }
     }

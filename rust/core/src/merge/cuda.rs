@@ -1,65 +1,91 @@
 //! The merge of one tensor on a CUDA device, step for step the CPU merge
-//! (`merge_whole`): finite check, radix histograms of the delta keys (two
-//! passes for f32), exact cuts found on the host from them, tie ordinals per
-//! segment for partial cuts, masks, L1 rescale sums per (unit, lane), and the
-//! fused write. The kernels (`cuda/merge.cu`) mirror the CPU arithmetic, so
-//! the output is bitwise the CPU's. Per-row granularity (`merge_rows`) runs
-//! one thread per row: radix-select cuts, masks with ties in index order and
-//! per-row rescale sums, then the same fused write with a scale per row.
+//! (`merge_whole` / `merge_rows`): finite check, radix histograms of the delta
+//! keys, exact cuts, tie ordinals per tile for partial cuts, masks, L1
+//! rescale sums per (unit, lane) or per (row, lane), and the fused write. The
+//! kernels (`cuda/merge.cu`) mirror the CPU arithmetic, so the output is
+//! bitwise the CPU's.
+//!
+//! Everything is queued on the caller's stream (torch's current stream):
+//! memsets are `cuMemsetD8Async` on it, the cuts and rescale factors are
+//! computed by kernels from device histograms and sums, and errors are
+//! device counters; the host reads back once, after the write, where the
+//! changed count and any error are needed (one `cuStreamSynchronize` per
+//! tensor). Scratch comes from a workspace the caller allocates (the Python
+//! binding takes it from torch's caching allocator, so torch's memory stats
+//! see it and running out is torch's OutOfMemoryError); `workspace_bytes`
+//! says how large.
 
 use std::ffi::c_void;
 
-use crate::cuda::{arg, check_ptr, launch, DeviceBuffer};
+use crate::cuda::{arg, check_ptr};
 use crate::error::{Error, Result};
-use crate::select::{Cut, CutHistograms};
 use crate::DType;
 
-use super::{rescale_factor, tensor_band, Granularity, MergeStats, Model, Params, Sparsify, UNIT};
+use super::{nan_delta_error, nonfinite_error, tensor_band, Granularity, MergeStats, Model, Params, Sparsify, UNIT};
 
-/// Elements one thread walks in order in the segment kernels (MERGE_SEG).
-const SEG: usize = 256;
-/// Partial sums per rescale unit (MERGE_LANES).
+/// Elements one block stages in shared memory (MERGE_TILE).
+const TILE: usize = 4096;
+/// Partial sums per rescale unit or row (MERGE_LANES).
 const LANES: usize = 8;
 /// Models one fused write can take (MERGE_MAX_MODELS).
 const MAX_MODELS: usize = 64;
+/// Threads per block on a GPU (MERGE_MAX_THREADS).
+const THREADS: u32 = 256;
+/// Grid cap in blocks per multiprocessor: one full wave of 256-thread
+/// blocks; the grid-stride loops cover the rest.
+const BLOCKS_PER_SM: u32 = 8;
+/// "No index" in the device's error counters (MERGE_NONE).
+const NONE: u64 = u64::MAX;
+/// Workspace regions start at multiples of this.
+const ALIGN: usize = 256;
+/// Bins of the first radix pass (whole 15-bit keys or f32's high halves)
+/// and of f32's second pass, per cut.
+const HIGH_BINS: usize = 1 << 15;
+const LOW_BINS: usize = 1 << 16;
 
-/// What the merge needs from a device: scratch memory, copies back, and
-/// launches with cuLaunchKernel's parameter convention. The CUDA device is
+/// What the merge needs from a device: async memsets and launches on one
+/// stream, and one read-back after everything queued. The CUDA device is
 /// one; the host simulation of the kernels (tests) is the other.
 pub(crate) trait Device {
-    type Buffer;
-    fn zeroed(&self, bytes: usize) -> Result<Self::Buffer>;
-    fn from_slice<T: Copy>(&self, values: &[T]) -> Result<Self::Buffer>;
-    fn ptr(&self, b: &Self::Buffer) -> u64;
-    /// `len` values from the buffer, after every queued launch finished.
-    fn read<T: Copy + Default>(&self, b: &Self::Buffer, len: usize) -> Result<Vec<T>>;
+    /// Multiprocessors, for sizing grids.
+    fn multiprocessors(&self) -> u32;
+    /// Threads per block of the block-wide kernels: a power of two <= 256.
+    fn block_threads(&self) -> u32;
+    /// # Safety
+    /// `ptr` addresses `bytes` bytes of the device's memory.
+    unsafe fn memset(&self, ptr: u64, value: u8, bytes: usize) -> Result<()>;
     /// # Safety
     /// `params` point at `kernel`'s arguments with its types; addresses among
     /// them are valid for what the kernel touches.
-    unsafe fn launch(&self, kernel: &'static str, items: u64, params: &mut [*mut c_void]) -> Result<()>;
+    unsafe fn launch(&self, kernel: &'static str, grid: u32, block: u32, params: &mut [*mut c_void]) -> Result<()>;
+    /// Waits for every queued operation, then copies `out.len()` bytes from `ptr`.
+    ///
+    /// # Safety
+    /// `ptr` addresses `out.len()` bytes of the device's memory.
+    unsafe fn read(&self, ptr: u64, out: &mut [u8]) -> Result<()>;
 }
 
 struct Cuda {
     ordinal: i32,
     stream: u64,
+    multiprocessors: u32,
 }
 
 impl Device for Cuda {
-    type Buffer = DeviceBuffer;
-    fn zeroed(&self, bytes: usize) -> Result<DeviceBuffer> {
-        DeviceBuffer::zeroed(self.ordinal, bytes)
+    fn multiprocessors(&self) -> u32 {
+        self.multiprocessors
     }
-    fn from_slice<T: Copy>(&self, values: &[T]) -> Result<DeviceBuffer> {
-        DeviceBuffer::from_slice(self.ordinal, values)
+    fn block_threads(&self) -> u32 {
+        THREADS
     }
-    fn ptr(&self, b: &DeviceBuffer) -> u64 {
-        b.ptr()
+    unsafe fn memset(&self, ptr: u64, value: u8, bytes: usize) -> Result<()> {
+        crate::cuda::memset_async(self.ordinal, self.stream, ptr, value, bytes)
     }
-    fn read<T: Copy + Default>(&self, b: &DeviceBuffer, len: usize) -> Result<Vec<T>> {
-        b.read(self.stream, len)
+    unsafe fn launch(&self, kernel: &'static str, grid: u32, block: u32, params: &mut [*mut c_void]) -> Result<()> {
+        crate::cuda::launch_grid(self.ordinal, self.stream, kernel, grid, block, params)
     }
-    unsafe fn launch(&self, kernel: &'static str, items: u64, params: &mut [*mut c_void]) -> Result<()> {
-        launch(self.ordinal, self.stream, kernel, items, params)
+    unsafe fn read(&self, ptr: u64, out: &mut [u8]) -> Result<()> {
+        crate::cuda::read_after(self.ordinal, self.stream, ptr, out)
     }
 }
 
@@ -74,6 +100,10 @@ pub struct DeviceTensors<'a> {
     pub base: u64,
     pub models: &'a [u64],
     pub numel: usize,
+    /// Scratch device memory of `workspace_bytes` bytes (at least
+    /// `workspace_bytes(...)`), used only by work queued on `stream`.
+    pub workspace: u64,
+    pub workspace_bytes: usize,
 }
 
 fn suffix(dtype: DType) -> Result<&'static str> {
@@ -95,8 +125,117 @@ fn key_bits(dtype: DType) -> u32 {
 
 /// The kernel of one merge step for this dtype (as named in `cuda/merge.cu`).
 fn kernel(step: &str, dtype: DType) -> Result<&'static str> {
-    let name = format!("merge_{step}_{}", suffix(dtype)?);
+    named(&format!("merge_{step}_{}", suffix(dtype)?))
+}
+
+fn named(name: &str) -> Result<&'static str> {
     crate::cuda::kernel_names().find(|k| *k == name).ok_or_else(|| Error::Cuda(format!("no kernel {name}")))
+}
+
+/// How one model's keep mask is made.
+#[derive(Clone, Copy, Debug)]
+enum MaskKind {
+    /// Keeps everything (no mask).
+    All,
+    /// DARE: Philox uniforms below the threshold.
+    Dare { threshold: f32, seed: u64, stream: u64 },
+    /// Ranks [lo, hi) by |τ| over the whole tensor.
+    Band { lo: usize, hi: usize },
+    /// Ranks [lo, hi) by |τ| within each row of `len`.
+    RowBand { lo: usize, hi: usize, len: usize },
+}
+
+fn mask_kind(model: &Model, n: usize, granularity: Granularity) -> MaskKind {
+    if let Sparsify::Random { density, seed, stream } = model.sparsify {
+        return if density < 1.0 { MaskKind::Dare { threshold: density as f32, seed, stream } } else { MaskKind::All };
+    }
+    match granularity {
+        Granularity::Tensor => tensor_band(&model.sparsify, n).map_or(MaskKind::All, |(lo, hi)| MaskKind::Band { lo, hi }),
+        Granularity::Row(len) => {
+            tensor_band(&model.sparsify, len).map_or(MaskKind::All, |(lo, hi)| MaskKind::RowBand { lo, hi, len })
+        }
+    }
+}
+
+/// Byte offsets of the workspace regions of one merge.
+#[derive(Debug)]
+struct Layout {
+    /// 2·models + 1 error counters (first NaN/Inf of base and each model,
+    /// then first NaN delta of each model), then the changed count.
+    stats: usize,
+    /// Radix histograms (u64), the two cut states, tile tie counts (u32)
+    /// and tile tie starts (u64): shared by the whole-tensor band models,
+    /// which run one after another on the stream.
+    hist: usize,
+    state: usize,
+    tile_counts: usize,
+    tile_starts: usize,
+    /// L1 partial sums (f64 pairs), shared by the models in turn.
+    sums: usize,
+    /// scales[m * spans + s] (f32).
+    scales: usize,
+    keeps: Vec<Option<usize>>,
+    total: usize,
+}
+
+fn layout(dtype: DType, n: usize, models: &[Model], p: &Params) -> Layout {
+    let mut total = 0usize;
+    let mut take = |bytes: usize| {
+        let at = total;
+        total += bytes.next_multiple_of(ALIGN);
+        at
+    };
+    let nm = models.len();
+    let kinds: Vec<MaskKind> = models.iter().map(|m| mask_kind(m, n, p.granularity)).collect();
+    let stats = take((2 * nm + 2) * 8);
+    let banded = kinds.iter().any(|k| matches!(k, MaskKind::Band { .. }));
+    let tiles = n.div_ceil(TILE);
+    let hist_bins = if key_bits(dtype) == 31 { 2 * LOW_BINS } else { HIGH_BINS };
+    let (hist, state, tile_counts, tile_starts) = if banded {
+        (take(hist_bins * 8), take(2 * 64), take(2 * tiles * 4), take(2 * tiles * 8))
+    } else {
+        (0, 0, 0, 0)
+    };
+    let spans = match p.granularity {
+        Granularity::Tensor => 1,
+        Granularity::Row(len) => n / len,
+    };
+    let rescaled = p.rescale && models.iter().any(|m| m.sparsify != Sparsify::Keep);
+    let (sums, scales) = if rescaled {
+        let partials = match p.granularity {
+            Granularity::Tensor => n.div_ceil(UNIT) * LANES,
+            Granularity::Row(_) => spans * LANES,
+        };
+        (take(partials * 2 * 8), take(nm * spans * 4))
+    } else {
+        (0, 0)
+    };
+    let keeps = kinds.iter().map(|k| (!matches!(k, MaskKind::All)).then(|| take(n))).collect();
+    Layout { stats, hist, state, tile_counts, tile_starts, sums, scales, keeps, total }
+}
+
+/// Bytes of device workspace `merge_tensor` needs for this merge.
+pub fn workspace_bytes(dtype: DType, numel: usize, models: &[Model], p: &Params) -> Result<usize> {
+    suffix(dtype)?;
+    if numel == 0 {
+        return Ok(0);
+    }
+    Ok(layout(dtype, numel, models, p).total)
+}
+
+/// The fused write's per-model arguments, passed by value (merge.cu's WriteArgs).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct WriteArgs {
+    models: [u64; MAX_MODELS],
+    keeps: [u64; MAX_MODELS],
+    weights: [f32; MAX_MODELS],
+    scaled: u64,
+    nm: u32,
+    consensus: u32,
+    normalize: u32,
+    lambda: f32,
+    plain_divisor: f32,
 }
 
 /// Merges one tensor held on the device: the same result as
@@ -104,17 +243,20 @@ fn kernel(step: &str, dtype: DType) -> Result<&'static str> {
 ///
 /// # Safety
 /// Every address in `t` holds `t.numel` elements of `t.dtype` on device
-/// `t.ordinal` and stays valid until the work queued on `t.stream` is done;
-/// `out` overlaps no input.
+/// `t.ordinal` (the workspace `t.workspace_bytes` bytes) and stays valid until
+/// the work queued on `t.stream` is done; `out` overlaps no input and the
+/// workspace overlaps nothing.
 pub unsafe fn merge_tensor(t: &DeviceTensors<'_>, models: &[Model], p: &Params) -> Result<MergeStats> {
-    merge_on(&Cuda { ordinal: t.ordinal, stream: t.stream }, t, models, p)
+    preflight(t, models, p)?;
+    if t.numel == 0 {
+        return Ok(MergeStats::default());
+    }
+    let multiprocessors = crate::cuda::multiprocessors(t.ordinal)?;
+    merge_on(&Cuda { ordinal: t.ordinal, stream: t.stream, multiprocessors }, t, models, p)
 }
 
-/// `merge_tensor` on any `Device`.
-///
-/// # Safety
-/// As `merge_tensor`, for addresses of `dev`.
-pub(crate) unsafe fn merge_on<D: Device>(dev: &D, t: &DeviceTensors<'_>, models: &[Model], p: &Params) -> Result<MergeStats> {
+/// Argument checks that need no device.
+fn preflight(t: &DeviceTensors<'_>, models: &[Model], p: &Params) -> Result<()> {
     super::validate(models, t.models.len(), t.numel, p)?;
     if let Granularity::Row(len) = p.granularity {
         if len > u32::MAX as usize {
@@ -128,243 +270,211 @@ pub(crate) unsafe fn merge_on<D: Device>(dev: &D, t: &DeviceTensors<'_>, models:
     for (what, ptr) in [("out", t.out), ("base", t.base)].into_iter().chain(t.models.iter().map(|&m| ("models[i]", m))) {
         check_ptr(what, ptr)?;
     }
-    if t.numel == 0 {
+    Ok(())
+}
+
+/// Grid and block for `items` independent work items: blocks shrink (down to
+/// a warp) until they cover every multiprocessor, and the grid is capped at
+/// one wave (the kernels loop).
+fn spread<D: Device>(dev: &D, items: usize) -> (u32, u32) {
+    let sms = dev.multiprocessors().max(1) as usize;
+    let mut block = dev.block_threads() as usize;
+    while block > 32 && items.div_ceil(block) < sms {
+        block /= 2;
+    }
+    let grid = items.div_ceil(block).clamp(1, sms * BLOCKS_PER_SM as usize);
+    (grid as u32, block as u32)
+}
+
+/// Grid of `units` blocks (tiles or rows), capped at one wave.
+fn blocks<D: Device>(dev: &D, units: usize) -> u32 {
+    units.clamp(1, dev.multiprocessors().max(1) as usize * BLOCKS_PER_SM as usize) as u32
+}
+
+/// `merge_tensor` on any `Device`.
+///
+/// # Safety
+/// As `merge_tensor`, for addresses of `dev`.
+pub(crate) unsafe fn merge_on<D: Device>(dev: &D, t: &DeviceTensors<'_>, models: &[Model], p: &Params) -> Result<MergeStats> {
+    preflight(t, models, p)?;
+    let n = t.numel;
+    if n == 0 {
         return Ok(MergeStats::default());
     }
+    let lay = layout(t.dtype, n, models, p);
+    if t.workspace_bytes < lay.total {
+        return Err(Error::Value(format!("workspace: this merge needs {} bytes, got {}", lay.total, t.workspace_bytes)));
+    }
+    check_ptr("workspace", t.workspace)?;
+    let w = t.workspace;
+    let nm = models.len();
+    let n_errors = 2 * nm + 1;
+    let errors = w + lay.stats as u64;
+    let changed = errors + 8 * n_errors as u64;
+    let nan_slot = |m: usize| errors + 8 * (nm + 1 + m) as u64;
+    dev.memset(errors, 0xff, 8 * n_errors)?;
+    dev.memset(changed, 0, 8)?;
+    let inputs: Vec<u64> = std::iter::once(t.base).chain(t.models.iter().copied()).collect();
     if p.check_finite {
-        check_finite(dev, t)?;
+        let k = kernel("first_nonfinite", t.dtype)?;
+        for (i, &x) in inputs.iter().enumerate() {
+            let (grid, block) = spread(dev, n);
+            let (mut x, mut nn, mut f) = (x, n as u64, errors + 8 * i as u64);
+            dev.launch(k, grid, block, &mut [arg(&mut x), arg(&mut nn), arg(&mut f)])?;
+        }
     }
-    // Selection and rescaling work on spans: the whole tensor, or each row.
-    let span = match p.granularity {
-        Granularity::Tensor => t.numel,
-        Granularity::Row(len) => len,
+    let mut wargs = WriteArgs {
+        models: [0; MAX_MODELS],
+        keeps: [0; MAX_MODELS],
+        weights: [0.0; MAX_MODELS],
+        scaled: 0,
+        nm: nm as u32,
+        consensus: p.consensus as u32,
+        normalize: p.normalize as u32,
+        lambda: p.lambda,
+        plain_divisor: 1.0,
     };
-    let spans = t.numel / span;
-    let mut keeps: Vec<Option<D::Buffer>> = Vec::with_capacity(models.len());
     for (m, model) in models.iter().enumerate() {
-        keeps.push(match p.granularity {
-            Granularity::Tensor => mask(dev, t, m, model)?,
-            Granularity::Row(len) => row_mask(dev, t, m, model, len)?,
-        });
+        wargs.models[m] = t.models[m];
+        wargs.weights[m] = model.weight;
+        let Some(off) = lay.keeps[m] else { continue };
+        let keep = w + off as u64;
+        wargs.keeps[m] = keep;
+        match mask_kind(model, n, p.granularity) {
+            MaskKind::All => {}
+            MaskKind::Dare { threshold, seed, stream } => {
+                let (grid, block) = spread(dev, n.div_ceil(4));
+                let (mut nn, mut th, mut sd, mut rs, mut k) = (n as u64, threshold, seed, stream, keep);
+                dev.launch(named("merge_dare_mask")?, grid, block, &mut [arg(&mut nn), arg(&mut th), arg(&mut sd), arg(&mut rs), arg(&mut k)])?;
+            }
+            MaskKind::Band { lo, hi } => band_mask(dev, t, &lay, m, lo, hi, keep, nan_slot(m))?,
+            MaskKind::RowBand { lo, hi, len } => row_band_mask(dev, t, m, lo, hi, len, keep, nan_slot(m))?,
+        }
     }
-    let weights: Vec<f32> = models.iter().map(|m| m.weight).collect();
-    // scales[m * spans + s]: model m's weight times its rescale factor on span s.
-    let mut scales: Vec<f32> = weights.iter().flat_map(|&w| std::iter::repeat_n(w, spans)).collect();
+    let spans = match p.granularity {
+        Granularity::Tensor => 1,
+        Granularity::Row(len) => n / len,
+    };
     if p.rescale {
         for (m, model) in models.iter().enumerate() {
             if model.sparsify == Sparsify::Keep {
                 continue;
             }
-            let sums = match p.granularity {
-                Granularity::Tensor => vec![l1_sums(dev, t, m, keeps[m].as_ref())?],
-                Granularity::Row(len) => row_l1_sums(dev, t, m, keeps[m].as_ref(), len)?,
-            };
-            for (s, sum) in scales[m * spans..(m + 1) * spans].iter_mut().zip(sums) {
-                *s *= rescale_factor(sum);
-            }
+            let scale = w + (lay.scales + 4 * m * spans) as u64;
+            rescale(dev, t, &lay, m, model.weight, wargs.keeps[m], scale, p.granularity)?;
+            wargs.scaled |= 1 << m;
         }
     }
-    write(dev, t, &keeps, &scales, span, &weights, p)
-}
-
-/// Refuses NaN/Inf, naming the lowest index and the first input holding it
-/// there (base, then models), as the CPU does.
-unsafe fn check_finite<D: Device>(dev: &D, t: &DeviceTensors<'_>) -> Result<()> {
-    let k = kernel("first_nonfinite", t.dtype)?;
-    let inputs = std::iter::once(("base".to_string(), t.base))
-        .chain(t.models.iter().enumerate().map(|(m, &x)| (format!("models[{m}]"), x)));
-    let mut worst: Option<(u64, String)> = None;
-    for (name, ptr) in inputs {
-        let first = dev.from_slice(&[u64::MAX])?;
-        let (mut x, mut n, mut f) = (ptr, t.numel as u64, dev.ptr(&first));
-        dev.launch(k, t.numel as u64, &mut [arg(&mut x), arg(&mut n), arg(&mut f)])?;
-        let i = dev.read::<u64>(&first, 1)?[0];
-        if i != u64::MAX && worst.as_ref().is_none_or(|(w, _)| i < *w) {
-            worst = Some((i, name));
+    let plain = wargs.weights[..nm].iter().fold(0.0f32, |a, &b| a + b);
+    wargs.plain_divisor = if plain.abs() < 1e-8 { 1.0 } else { plain };
+    let (grid, block) = spread(dev, n);
+    let (mut out, mut base, mut reference, mut nn) = (t.out, t.base, t.base, n as u64);
+    let (mut sc, mut span, mut errs, mut ne, mut ch) = (w + lay.scales as u64, (n / spans) as u64, errors, n_errors as u32, changed);
+    let mut params: [*mut c_void; 10] = [
+        arg(&mut out), arg(&mut base), arg(&mut reference), arg(&mut nn), arg(&mut sc), arg(&mut span),
+        arg(&mut wargs), arg(&mut errs), arg(&mut ne), arg(&mut ch),
+    ];
+    dev.launch(kernel("write", t.dtype)?, grid, block, &mut params)?;
+    // The one host wait: the changed count and the error counters.
+    let mut raw = vec![0u8; 8 * (n_errors + 1)];
+    dev.read(errors, &mut raw)?;
+    let stats: Vec<u64> = raw.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect();
+    if p.check_finite {
+        // The lowest index, and the first input (base, models in order) there.
+        let worst = stats[..nm + 1].iter().enumerate().filter(|(_, &i)| i != NONE).min_by_key(|(_, &i)| i);
+        if let Some((input, &i)) = worst {
+            let name = if input == 0 { "base".to_string() } else { format!("models[{}]", input - 1) };
+            let value = read_value(dev, t.dtype, inputs[input], i)?;
+            return Err(nonfinite_error(&name, value, i as usize));
         }
     }
-    match worst {
-        Some((i, name)) => Err(Error::Value(format!("{name}: non-finite value at flat index {i}"))),
-        None => Ok(()),
+    if let Some((m, &i)) = stats[nm + 1..n_errors].iter().enumerate().find(|(_, &i)| i != NONE) {
+        return Err(nan_delta_error(m, i as usize));
     }
+    Ok(MergeStats { changed: stats[n_errors] })
 }
 
-/// One model's keep mask (None: keeps everything).
-unsafe fn mask<D: Device>(dev: &D, t: &DeviceTensors<'_>, m: usize, model: &Model) -> Result<Option<D::Buffer>> {
+/// Element `i` of a `dtype` tensor at `ptr`, as f32 (for an error message).
+unsafe fn read_value<D: Device>(dev: &D, dtype: DType, ptr: u64, i: u64) -> Result<f32> {
+    let size = dtype.size();
+    let mut b = [0u8; 4];
+    dev.read(ptr + i * size as u64, &mut b[..size])?;
+    Ok(match dtype {
+        DType::F32 => f32::from_le_bytes(b),
+        DType::F16 => half::f16::from_le_bytes([b[0], b[1]]).to_f32(),
+        _ => half::bf16::from_le_bytes([b[0], b[1]]).to_f32(),
+    })
+}
+
+/// Model m's keep mask for whole-tensor ranks [lo, hi): histograms, cuts
+/// chosen on the device, tie counts and their prefix per tile, then the mask.
+#[allow(clippy::too_many_arguments)]
+unsafe fn band_mask<D: Device>(dev: &D, t: &DeviceTensors<'_>, lay: &Layout, m: usize, lo: usize, hi: usize, keep: u64, nan: u64) -> Result<()> {
+    let w = t.workspace;
     let n = t.numel;
-    let (kind, cuts, threshold, seed, stream) = match model.sparsify {
-        Sparsify::Random { density, seed, stream } if density < 1.0 => (2u32, [Cut::EMPTY; 2], density as f32, seed, stream),
-        s => match tensor_band(&s, n) {
-            Some((lo, hi)) => (1u32, cuts(dev, t, m, lo, hi)?, 0.0, 0, 0),
-            None => return Ok(None),
-        },
-    };
-    let keep = dev.zeroed(n)?;
-    // Tie ordinals at every segment start, for the cuts where they matter.
-    let seen: Vec<Option<D::Buffer>> = cuts.iter().map(|c| seg_starts(dev, t, m, c)).collect::<Result<_>>()?;
-    let seen_ptr = |j: usize| seen[j].as_ref().map_or(0, |b| dev.ptr(b));
-    let (mut base, mut x, mut nn, mut kind) = (t.base, t.models[m], n as u64, kind);
-    let (mut hi_key, mut hi_ties, mut hi_seen) = (cuts[1].cut.key, cuts[1].cut.ties as u64, seen_ptr(1));
-    let (mut lo_key, mut lo_ties, mut lo_seen) = (cuts[0].cut.key, cuts[0].cut.ties as u64, seen_ptr(0));
-    let (mut threshold, mut seed, mut rs, mut out) = (threshold, seed, stream, dev.ptr(&keep));
-    let mut params: [*mut c_void; 14] = [
-        arg(&mut base), arg(&mut x), arg(&mut nn), arg(&mut kind),
-        arg(&mut hi_key), arg(&mut hi_ties), arg(&mut hi_seen),
-        arg(&mut lo_key), arg(&mut lo_ties), arg(&mut lo_seen),
-        arg(&mut threshold), arg(&mut seed), arg(&mut rs), arg(&mut out),
-    ];
-    dev.launch(kernel("mask", t.dtype)?, n.div_ceil(SEG) as u64, &mut params)?;
-    // The kernel reads `seen` asynchronously: wait before the buffers drop.
-    dev.read::<u8>(&keep, 0)?;
-    Ok(Some(keep))
+    let bits = key_bits(t.dtype);
+    let (hist, state) = (w + lay.hist as u64, w + lay.state as u64);
+    let nt = dev.block_threads();
+    let hist_kernel = kernel("hist", t.dtype)?;
+    let select = named("merge_select_cuts")?;
+    let passes: &[u32] = if bits == 31 { &[0, 1] } else { &[0] };
+    for &pass in passes {
+        let bins = if pass == 0 { HIGH_BINS } else { 2 * LOW_BINS };
+        dev.memset(hist, 0, bins * 8)?;
+        let (grid, block) = spread(dev, n);
+        let (mut b, mut x, mut nn, mut ps, mut st, mut h, mut f) = (t.base, t.models[m], n as u64, pass, state, hist, nan);
+        dev.launch(hist_kernel, grid, block, &mut [arg(&mut b), arg(&mut x), arg(&mut nn), arg(&mut ps), arg(&mut st), arg(&mut h), arg(&mut f)])?;
+        let (mut h, mut stage, mut kb, mut l, mut r, mut st) = (hist, pass, bits, lo as u64, hi as u64, state);
+        dev.launch(select, 1, nt, &mut [arg(&mut h), arg(&mut stage), arg(&mut kb), arg(&mut l), arg(&mut r), arg(&mut st)])?;
+    }
+    let tiles = n.div_ceil(TILE);
+    let (counts, starts) = (w + lay.tile_counts as u64, w + lay.tile_starts as u64);
+    let (mut b, mut x, mut nn, mut st, mut c) = (t.base, t.models[m], n as u64, state, counts);
+    dev.launch(kernel("tile_ties", t.dtype)?, blocks(dev, tiles), nt, &mut [arg(&mut b), arg(&mut x), arg(&mut nn), arg(&mut st), arg(&mut c)])?;
+    let (mut c, mut nt64, mut st, mut s) = (counts, tiles as u64, state, starts);
+    dev.launch(named("merge_tile_scan")?, 1, nt, &mut [arg(&mut c), arg(&mut nt64), arg(&mut st), arg(&mut s)])?;
+    let (mut b, mut x, mut nn, mut st, mut s, mut k) = (t.base, t.models[m], n as u64, state, starts, keep);
+    dev.launch(kernel("mask", t.dtype)?, blocks(dev, tiles), nt, &mut [arg(&mut b), arg(&mut x), arg(&mut nn), arg(&mut st), arg(&mut s), arg(&mut k)])
 }
 
-/// The [lo, hi] rank cuts of model m's deltas from device histograms.
-unsafe fn cuts<D: Device>(dev: &D, t: &DeviceTensors<'_>, m: usize, lo: usize, hi: usize) -> Result<[Cut; 2]> {
-    let bits = key_bits(t.dtype);
-    let mut h = CutHistograms::new(&[lo, hi], bits);
-    let high = hist(dev, t, m, h.high_shift(), u32::MAX, 1 << 15)?;
-    h.add_high_counts(&high);
-    if h.needs_low_pass() {
-        for (j, target) in h.low_pass_highs().into_iter().enumerate() {
-            if target != u32::MAX {
-                let low = hist(dev, t, m, 0, target, 1 << 16)?;
-                h.add_low_counts(j, &low);
-            }
+/// Model m's keep mask for ranks [lo, hi) within each row: one block per row.
+#[allow(clippy::too_many_arguments)]
+unsafe fn row_band_mask<D: Device>(dev: &D, t: &DeviceTensors<'_>, m: usize, lo: usize, hi: usize, len: usize, keep: u64, nan: u64) -> Result<()> {
+    let rows = t.numel / len;
+    // Short rows get smaller blocks: 16 keys per thread, at least a warp.
+    let max = dev.block_threads();
+    let block = (len.div_ceil(16).next_power_of_two() as u32).clamp(max.min(32), max);
+    let (mut b, mut x, mut nr, mut nl, mut l, mut h, mut k, mut f) = (t.base, t.models[m], rows as u64, len as u64, lo as u64, hi as u64, keep, nan);
+    let mut params = [arg(&mut b), arg(&mut x), arg(&mut nr), arg(&mut nl), arg(&mut l), arg(&mut h), arg(&mut k), arg(&mut f)];
+    dev.launch(kernel("row_select", t.dtype)?, blocks(dev, rows), block, &mut params)
+}
+
+/// scale ← model m's weight times its rescale factor, per tensor or per row
+/// (`scale` then holds one f32 per span), summed as the CPU sums.
+#[allow(clippy::too_many_arguments)]
+unsafe fn rescale<D: Device>(dev: &D, t: &DeviceTensors<'_>, lay: &Layout, m: usize, weight: f32, keep: u64, scale: u64, g: Granularity) -> Result<()> {
+    let n = t.numel;
+    let sums = t.workspace + lay.sums as u64;
+    let (mut b, mut x, mut k, mut s) = (t.base, t.models[m], keep, sums);
+    match g {
+        Granularity::Tensor => {
+            let units = n.div_ceil(UNIT);
+            let (grid, block) = spread(dev, units * LANES);
+            let mut nn = n as u64;
+            dev.launch(kernel("l1", t.dtype)?, grid, block, &mut [arg(&mut b), arg(&mut x), arg(&mut nn), arg(&mut k), arg(&mut s)])?;
+            let (mut s, mut u, mut wt, mut out) = (sums, units as u64, weight, scale);
+            dev.launch(named("merge_scales_tensor")?, 1, dev.block_threads(), &mut [arg(&mut s), arg(&mut u), arg(&mut wt), arg(&mut out)])
+        }
+        Granularity::Row(len) => {
+            let rows = n / len;
+            let (grid, block) = spread(dev, rows * LANES);
+            let (mut nr, mut nl) = (rows as u64, len as u64);
+            dev.launch(kernel("row_l1", t.dtype)?, grid, block, &mut [arg(&mut b), arg(&mut x), arg(&mut nr), arg(&mut nl), arg(&mut k), arg(&mut s)])?;
+            let (grid, block) = spread(dev, rows);
+            let (mut s, mut r, mut wt, mut out) = (sums, rows as u64, weight, scale);
+            dev.launch(named("merge_scales_rows")?, grid, block, &mut [arg(&mut s), arg(&mut r), arg(&mut wt), arg(&mut out)])
         }
     }
-    let c = h.cuts();
-    Ok([c[0], c[1]])
-}
-
-unsafe fn hist<D: Device>(dev: &D, t: &DeviceTensors<'_>, m: usize, shift: u32, high: u32, bins: usize) -> Result<Vec<u64>> {
-    let counts = dev.zeroed(bins * 8)?;
-    let first_nan = dev.from_slice(&[u64::MAX])?;
-    let (mut base, mut x, mut n, mut shift, mut high) = (t.base, t.models[m], t.numel as u64, shift, high);
-    let (mut h, mut f) = (dev.ptr(&counts), dev.ptr(&first_nan));
-    let mut params = [arg(&mut base), arg(&mut x), arg(&mut n), arg(&mut shift), arg(&mut high), arg(&mut h), arg(&mut f)];
-    dev.launch(kernel("hist", t.dtype)?, t.numel as u64, &mut params)?;
-    let nan = dev.read::<u64>(&first_nan, 1)?[0];
-    if nan != u64::MAX {
-        return Err(Error::Value(format!("models[{m}]: the delta from the base is NaN at flat index {nan}")));
-    }
-    dev.read::<u64>(&counts, bins)
-}
-
-/// For a partial cut, the tie ordinal at every segment start (counted on the
-/// device, prefix-summed here); None when ordinals cannot matter.
-unsafe fn seg_starts<D: Device>(dev: &D, t: &DeviceTensors<'_>, m: usize, cut: &Cut) -> Result<Option<D::Buffer>> {
-    if !cut.partial() {
-        return Ok(None);
-    }
-    let segs = t.numel.div_ceil(SEG);
-    let counts = dev.zeroed(segs * 4)?;
-    let (mut base, mut x, mut n, mut key, mut c) = (t.base, t.models[m], t.numel as u64, cut.cut.key, dev.ptr(&counts));
-    let mut params = [arg(&mut base), arg(&mut x), arg(&mut n), arg(&mut key), arg(&mut c)];
-    dev.launch(kernel("seg_ties", t.dtype)?, segs as u64, &mut params)?;
-    let mut seen = 0u64;
-    let starts: Vec<u64> = dev
-        .read::<u32>(&counts, segs)?
-        .into_iter()
-        .map(|c| {
-            let s = seen;
-            seen += c as u64;
-            s
-        })
-        .collect();
-    Ok(Some(dev.from_slice(&starts)?))
-}
-
-/// One model's keep mask with ranks taken within each row of `len` elements
-/// (None: keeps everything). DARE draws do not depend on granularity.
-unsafe fn row_mask<D: Device>(dev: &D, t: &DeviceTensors<'_>, m: usize, model: &Model, len: usize) -> Result<Option<D::Buffer>> {
-    let Some((lo, hi)) = tensor_band(&model.sparsify, len) else {
-        return match model.sparsify {
-            Sparsify::Random { .. } => mask(dev, t, m, model),
-            _ => Ok(None),
-        };
-    };
-    let rows = t.numel / len;
-    let cuts = dev.zeroed(rows * 4 * 8)?;
-    let first_nan = dev.from_slice(&[u64::MAX])?;
-    // The top digit of the 15-bit (f16/bf16) or 31-bit (f32) abs keys.
-    let mut top_shift: i32 = if key_bits(t.dtype) == 31 { 24 } else { 8 };
-    let (mut base, mut x, mut nr, mut nl, mut lo, mut hi) = (t.base, t.models[m], rows as u64, len as u64, lo as u64, hi as u64);
-    let (mut c, mut f) = (dev.ptr(&cuts), dev.ptr(&first_nan));
-    let mut params = [arg(&mut base), arg(&mut x), arg(&mut nr), arg(&mut nl), arg(&mut top_shift), arg(&mut lo), arg(&mut hi), arg(&mut c), arg(&mut f)];
-    dev.launch(kernel("row_cuts", t.dtype)?, rows as u64, &mut params)?;
-    let nan = dev.read::<u64>(&first_nan, 1)?[0];
-    if nan != u64::MAX {
-        return Err(Error::Value(format!("models[{m}]: the delta from the base is NaN at flat index {nan}")));
-    }
-    let keep = dev.zeroed(t.numel)?;
-    let mut k = dev.ptr(&keep);
-    let mut params = [arg(&mut base), arg(&mut x), arg(&mut nr), arg(&mut nl), arg(&mut c), arg(&mut k)];
-    dev.launch(kernel("row_mask", t.dtype)?, rows as u64, &mut params)?;
-    // The kernel reads `cuts` asynchronously: wait before the buffer drops.
-    dev.read::<u8>(&keep, 0)?;
-    Ok(Some(keep))
-}
-
-/// Σ|τ| and Σ|kept τ| of model m in every row, added as the CPU's row path
-/// adds them (lanes, then lanes in order).
-unsafe fn row_l1_sums<D: Device>(dev: &D, t: &DeviceTensors<'_>, m: usize, keep: Option<&D::Buffer>, len: usize) -> Result<Vec<(f64, f64)>> {
-    let rows = t.numel / len;
-    let sums = dev.zeroed(rows * 2 * 8)?;
-    let (mut base, mut x, mut nr, mut nl) = (t.base, t.models[m], rows as u64, len as u64);
-    let (mut k, mut s) = (keep.map_or(0, |b| dev.ptr(b)), dev.ptr(&sums));
-    let mut params = [arg(&mut base), arg(&mut x), arg(&mut nr), arg(&mut nl), arg(&mut k), arg(&mut s)];
-    dev.launch(kernel("row_l1", t.dtype)?, rows as u64, &mut params)?;
-    Ok(dev.read::<f64>(&sums, rows * 2)?.chunks(2).map(|p| (p[0], p[1])).collect())
-}
-
-/// Σ|τ| and Σ|kept τ| of model m, added in the CPU's order: lanes within a
-/// unit, then units in index order.
-unsafe fn l1_sums<D: Device>(dev: &D, t: &DeviceTensors<'_>, m: usize, keep: Option<&D::Buffer>) -> Result<(f64, f64)> {
-    let units = t.numel.div_ceil(UNIT);
-    let sums = dev.zeroed(units * LANES * 2 * 8)?;
-    let (mut base, mut x, mut n) = (t.base, t.models[m], t.numel as u64);
-    let (mut k, mut s) = (keep.map_or(0, |b| dev.ptr(b)), dev.ptr(&sums));
-    let mut params = [arg(&mut base), arg(&mut x), arg(&mut n), arg(&mut k), arg(&mut s)];
-    dev.launch(kernel("l1", t.dtype)?, (units * LANES) as u64, &mut params)?;
-    let lanes = dev.read::<f64>(&sums, units * LANES * 2)?;
-    let mut total = (0.0f64, 0.0f64);
-    for unit in lanes.chunks(LANES * 2) {
-        let all = unit.iter().step_by(2).fold(0.0f64, |a, &v| a + v);
-        let kept = unit.iter().skip(1).step_by(2).fold(0.0f64, |a, &v| a + v);
-        total = (total.0 + all, total.1 + kept);
-    }
-    Ok(total)
-}
-
-unsafe fn write<D: Device>(
-    dev: &D,
-    t: &DeviceTensors<'_>,
-    keeps: &[Option<D::Buffer>],
-    scales: &[f32],
-    scale_span: usize,
-    weights: &[f32],
-    p: &Params,
-) -> Result<MergeStats> {
-    let models = dev.from_slice(t.models)?;
-    let keep_ptrs: Vec<u64> = keeps.iter().map(|k| k.as_ref().map_or(0, |b| dev.ptr(b))).collect();
-    let keeps_dev = dev.from_slice(&keep_ptrs)?;
-    let scales_dev = dev.from_slice(scales)?;
-    let weights_dev = dev.from_slice(weights)?;
-    let changed = dev.zeroed(8)?;
-    let plain = weights.iter().fold(0.0f32, |a, &b| a + b);
-    let plain = if plain.abs() < 1e-8 { 1.0f32 } else { plain };
-    let (mut out, mut base, mut reference) = (t.out, t.base, t.base);
-    let (mut xs, mut ks, mut sc, mut ws) = (dev.ptr(&models), dev.ptr(&keeps_dev), dev.ptr(&scales_dev), dev.ptr(&weights_dev));
-    let (mut nm, mut n, mut span) = (t.models.len() as u32, t.numel as u64, scale_span as u64);
-    let (mut consensus, mut normalize, mut lambda, mut plain, mut ch) =
-        (p.consensus as u32, p.normalize as u32, p.lambda, plain, dev.ptr(&changed));
-    let mut params: [*mut c_void; 15] = [
-        arg(&mut out), arg(&mut base), arg(&mut reference), arg(&mut xs), arg(&mut ks), arg(&mut sc), arg(&mut span), arg(&mut ws),
-        arg(&mut nm), arg(&mut n), arg(&mut consensus), arg(&mut normalize), arg(&mut lambda), arg(&mut plain), arg(&mut ch),
-    ];
-    dev.launch(kernel("write", t.dtype)?, t.numel as u64, &mut params)?;
-    Ok(MergeStats { changed: dev.read::<u64>(&changed, 1)?[0] })
 }
 
 #[cfg(test)]
@@ -375,51 +485,78 @@ mod tests {
     use half::{bf16, f16};
 
     /// The kernels run on the host (`host_sim.cpp` built as a library): host
-    /// memory stands in for device memory, launches run every thread in turn.
+    /// memory stands in for device memory, a launch runs its blocks in turn
+    /// with each block's threads as fibers that meet at __syncthreads.
     struct Sim {
-        launch: libloading::Symbol<'static, unsafe extern "C" fn(*const std::ffi::c_char, u32, *mut *mut c_void) -> i32>,
+        launch: libloading::Symbol<'static, unsafe extern "C" fn(*const std::ffi::c_char, u32, u32, *mut *mut c_void) -> i32>,
+        threads: u32,
+        multiprocessors: u32,
+        /// Host waits (`read` calls) so far.
+        reads: std::cell::Cell<usize>,
     }
 
     impl Sim {
         fn open() -> Option<Sim> {
-            let path = crate::cuda::host_sim::sim_library()?;
-            // SAFETY: our own harness library, kept loaded for the process.
-            let lib: &'static libloading::Library = Box::leak(Box::new(unsafe { libloading::Library::new(path) }.ok()?));
-            let launch = unsafe { lib.get(b"sim_launch\0") }.ok()?;
-            Some(Sim { launch })
+            Sim::with(64, 2)
+        }
+
+        /// A simulated device with `threads` per block and `multiprocessors`
+        /// (which caps grids at 8 blocks each).
+        fn with(threads: u32, multiprocessors: u32) -> Option<Sim> {
+            let launch = crate::cuda::host_sim::sim_launch()?;
+            Some(Sim { launch, threads, multiprocessors, reads: std::cell::Cell::new(0) })
         }
     }
 
     impl Device for Sim {
-        type Buffer = Vec<u64>;
-        fn zeroed(&self, bytes: usize) -> Result<Vec<u64>> {
-            Ok(vec![0; bytes.div_ceil(8).max(1)])
+        fn multiprocessors(&self) -> u32 {
+            self.multiprocessors
         }
-        fn from_slice<T: Copy>(&self, values: &[T]) -> Result<Vec<u64>> {
-            let mut b = self.zeroed(std::mem::size_of_val(values))?;
-            // SAFETY: the buffer has room for `values`' bytes.
-            unsafe { std::ptr::copy_nonoverlapping(values.as_ptr().cast::<u8>(), b.as_mut_ptr().cast::<u8>(), std::mem::size_of_val(values)) };
-            Ok(b)
+        fn block_threads(&self) -> u32 {
+            self.threads
         }
-        fn ptr(&self, b: &Vec<u64>) -> u64 {
-            b.as_ptr() as u64
+        unsafe fn memset(&self, ptr: u64, value: u8, bytes: usize) -> Result<()> {
+            std::ptr::write_bytes(ptr as *mut u8, value, bytes);
+            Ok(())
         }
-        fn read<T: Copy + Default>(&self, b: &Vec<u64>, len: usize) -> Result<Vec<T>> {
-            let mut out = vec![T::default(); len];
-            // SAFETY: callers read within what they allocated.
-            unsafe { std::ptr::copy_nonoverlapping(b.as_ptr().cast::<T>(), out.as_mut_ptr(), len) };
-            Ok(out)
-        }
-        unsafe fn launch(&self, kernel: &'static str, items: u64, params: &mut [*mut c_void]) -> Result<()> {
+        unsafe fn launch(&self, kernel: &'static str, grid: u32, block: u32, params: &mut [*mut c_void]) -> Result<()> {
+            assert!(block.is_power_of_two() && block <= THREADS, "{kernel}: block of {block} threads");
             // The simulator's block/thread indices are globals: one launch at a time.
             static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
             let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
             let name = std::ffi::CString::new(kernel).unwrap();
-            // A few blocks: the grid-stride loops cover the rest.
-            let grid = items.div_ceil(256).clamp(1, 3) as u32;
-            assert_eq!((self.launch)(name.as_ptr(), grid, params.as_mut_ptr()), 0, "sim has no kernel {kernel}");
+            match (self.launch)(name.as_ptr(), grid, block, params.as_mut_ptr()) {
+                0 => Ok(()),
+                1 => panic!("the simulator has no kernel {kernel}"),
+                _ => panic!("{kernel}: the threads of a block did not all reach the same __syncthreads"),
+            }
+        }
+        unsafe fn read(&self, ptr: u64, out: &mut [u8]) -> Result<()> {
+            self.reads.set(self.reads.get() + 1);
+            std::ptr::copy_nonoverlapping(ptr as *const u8, out.as_mut_ptr(), out.len());
             Ok(())
         }
+    }
+
+    /// Runs `merge_on` with a fresh workspace of the size `workspace_bytes`
+    /// asks for, filled with garbage (the merge must not rely on zeroes).
+    fn sim_merge<T: Float>(sim: &Sim, base: &[T], xs: &[Vec<T>], models: &[Model], p: &Params, out: &mut [T]) -> Result<MergeStats> {
+        let n = base.len();
+        let bytes = workspace_bytes(T::DTYPE, n, models, p).unwrap();
+        let mut ws = vec![0x5a5a_5a5a_5a5a_5a5au64; bytes.div_ceil(8) + 1];
+        let ptrs: Vec<u64> = xs.iter().map(|x| x.as_ptr() as u64).collect();
+        let t = DeviceTensors {
+            ordinal: 0,
+            stream: 0,
+            dtype: T::DTYPE,
+            out: out.as_mut_ptr() as u64,
+            base: base.as_ptr() as u64,
+            models: &ptrs,
+            numel: n,
+            workspace: ws.as_mut_ptr() as u64,
+            workspace_bytes: bytes,
+        };
+        unsafe { merge_on(sim, &t, models, p) }
     }
 
     fn values<T: Float>(n: usize, seed: u64, ties: bool) -> (Vec<T>, Vec<Vec<T>>) {
@@ -476,17 +613,9 @@ mod tests {
             let mut want = vec![T::from_f32(0.0); n];
             let cpu = cpu_merge(&base, &terms, &p, &mut want).unwrap();
             let mut got = vec![T::from_f32(0.0); n];
-            let ptrs: Vec<u64> = xs.iter().map(|x| x.as_ptr() as u64).collect();
-            let t = DeviceTensors {
-                ordinal: 0,
-                stream: 0,
-                dtype: T::DTYPE,
-                out: got.as_mut_ptr() as u64,
-                base: base.as_ptr() as u64,
-                models: &ptrs,
-                numel: n,
-            };
-            let sim_stats = unsafe { merge_on(sim, &t, &models, &p) }.unwrap();
+            let reads = sim.reads.get();
+            let sim_stats = sim_merge(sim, &base, &xs, &models, &p, &mut got).unwrap();
+            assert_eq!(sim.reads.get() - reads, 1, "one host wait per tensor merge");
             assert_eq!(bits(&got), bits(&want), "{} {s:?} consensus={consensus} ties={ties} {granularity:?}", T::DTYPE);
             let direct = want.iter().zip(&base).filter(|(a, b)| a.to_f32() != b.to_f32()).count() as u64;
             assert_eq!((sim_stats.changed, cpu.changed), (direct, direct), "{} {s:?}", T::DTYPE);
@@ -496,7 +625,7 @@ mod tests {
     #[test]
     fn simulated_kernels_merge_bitwise_like_the_cpu() {
         let Some(sim) = Sim::open() else { return };
-        // Several rescale units and segments; tie-heavy inputs make partial cuts.
+        // Several rescale units and tiles; tie-heavy inputs make partial cuts.
         for ties in [false, true] {
             check_against_cpu::<bf16>(&sim, 2 * UNIT + 777, ties, Granularity::Tensor);
             check_against_cpu::<f16>(&sim, UNIT + 5, ties, Granularity::Tensor);
@@ -505,17 +634,36 @@ mod tests {
     }
 
     #[test]
+    fn simulated_kernels_match_the_cpu_for_any_block_and_grid() {
+        // The GPU's 256-thread blocks on one multiprocessor (one block loops
+        // over every tile), and single-thread blocks (every scan degenerate).
+        for (threads, sms, n) in [(256, 1, UNIT + 4097), (1, 3, 9000)] {
+            let Some(sim) = Sim::with(threads, sms) else { return };
+            check_against_cpu::<bf16>(&sim, n, true, Granularity::Tensor);
+            check_against_cpu::<f32>(&sim, n, true, Granularity::Tensor);
+            check_against_cpu::<f16>(&sim, 60 * 150, true, Granularity::Row(150));
+            check_against_cpu::<f32>(&sim, 3 * 5000, true, Granularity::Row(5000));
+        }
+    }
+
+    #[test]
     fn simulated_row_kernels_merge_bitwise_like_the_cpu() {
         let Some(sim) = Sim::open() else { return };
-        // Rows long and short, a single row, rows of one element; tie-heavy
-        // rows make partial cuts inside rows.
+        // Rows long and short (longer than a tile too), a single row, rows of
+        // one element; tie-heavy rows make partial cuts inside rows.
         for ties in [false, true] {
             check_against_cpu::<bf16>(&sim, 97 * 300, ties, Granularity::Row(300));
             check_against_cpu::<f16>(&sim, 5 * 1003, ties, Granularity::Row(1003));
             check_against_cpu::<f32>(&sim, 64 * 250, ties, Granularity::Row(250));
-            check_against_cpu::<bf16>(&sim, 4099, ties, Granularity::Row(4099));
+            check_against_cpu::<bf16>(&sim, 2 * 9001, ties, Granularity::Row(9001));
             check_against_cpu::<f32>(&sim, 37, ties, Granularity::Row(1));
         }
+    }
+
+    fn cpu_error<T: Float>(base: &[T], xs: &[Vec<T>], models: &[Model], p: &Params) -> String {
+        let terms: Vec<Term<'_, T>> = xs.iter().zip(models).map(|(x, m)| Term { values: x, weight: m.weight, sparsify: m.sparsify }).collect();
+        let mut out = vec![T::from_f32(0.0); base.len()];
+        cpu_merge(base, &terms, p, &mut out).unwrap_err().to_string()
     }
 
     #[test]
@@ -524,38 +672,85 @@ mod tests {
         let (base, mut xs) = values::<bf16>(600, 8, false);
         xs[1][450] = bf16::NAN;
         xs[1][470] = bf16::NAN;
-        let ptrs: Vec<u64> = xs.iter().map(|x| x.as_ptr() as u64).collect();
-        let mut out = vec![bf16::ZERO; 600];
-        let t = DeviceTensors { ordinal: 0, stream: 0, dtype: DType::BF16, out: out.as_mut_ptr() as u64, base: base.as_ptr() as u64, models: &ptrs, numel: 600 };
         let models = [Model { weight: 1.0, sparsify: Sparsify::Band { density: 0.5, gamma: 0.1 } }; 3];
         let p = Params { consensus: false, normalize: false, rescale: false, lambda: 1.0, granularity: Granularity::Row(100), check_finite: false };
-        let err = unsafe { merge_on(&sim, &t, &models, &p) }.unwrap_err().to_string();
+        let mut out = vec![bf16::from_f32(7.0); 600];
+        let err = sim_merge(&sim, &base, &xs, &models, &p, &mut out).unwrap_err().to_string();
         assert_eq!(err, "models[1]: the delta from the base is NaN at flat index 450");
-        let terms: Vec<Term<'_, bf16>> = xs.iter().zip(&models).map(|(x, m)| Term { values: x, weight: m.weight, sparsify: m.sparsify }).collect();
-        let cpu = cpu_merge(&base, &terms, &p, &mut out).unwrap_err().to_string();
-        assert_eq!(cpu, err);
+        assert_eq!(cpu_error(&base, &xs, &models, &p), err);
+        assert!(out.iter().all(|v| v.to_f32() == 7.0), "a failed merge leaves out as it was");
     }
 
     #[test]
-    fn simulated_nonfinite_inputs_are_named() {
+    fn simulated_nonfinite_inputs_are_named_as_the_cpu_names_them() {
         let Some(sim) = Sim::open() else { return };
         let (base, mut xs) = values::<f32>(1000, 6, false);
         xs[2][17] = f32::NAN;
         xs[1][400] = f32::INFINITY;
-        let ptrs: Vec<u64> = xs.iter().map(|x| x.as_ptr() as u64).collect();
         let mut out = vec![0.0f32; 1000];
-        let t = DeviceTensors { ordinal: 0, stream: 0, dtype: DType::F32, out: out.as_mut_ptr() as u64, base: base.as_ptr() as u64, models: &ptrs, numel: 1000 };
+        for granularity in [Granularity::Tensor, Granularity::Row(100)] {
+            for sparsify in [Sparsify::Magnitude { density: 0.5 }, Sparsify::Keep, Sparsify::Random { density: 0.5, seed: 1, stream: 2 }] {
+                let models = [Model { weight: 1.0, sparsify }; 3];
+                let p = Params { consensus: true, normalize: true, rescale: true, lambda: 1.0, granularity, check_finite: true };
+                let err = sim_merge(&sim, &base, &xs, &models, &p, &mut out).unwrap_err().to_string();
+                assert_eq!(err, "models[2]: non-finite value NaN at flat index 17");
+                assert_eq!(cpu_error(&base, &xs, &models, &p), err, "{sparsify:?} {granularity:?}");
+            }
+        }
+        // The base is named first at an index both hold; bf16 and f16 values read back.
+        let (base, mut xs) = values::<bf16>(300, 6, false);
+        let mut base = base;
+        base[40] = bf16::NEG_INFINITY;
+        xs[0][40] = bf16::NAN;
+        let models = [Model { weight: 1.0, sparsify: Sparsify::Keep }; 3];
+        let p = Params { consensus: false, normalize: false, rescale: false, lambda: 1.0, granularity: Granularity::Tensor, check_finite: true };
+        let mut out = vec![bf16::ZERO; 300];
+        let err = sim_merge(&sim, &base, &xs, &models, &p, &mut out).unwrap_err().to_string();
+        assert_eq!(err, "base: non-finite value -inf at flat index 40");
+        assert_eq!(cpu_error(&base, &xs, &models, &p), err);
+        let (base, mut xs) = values::<f16>(300, 6, false);
+        xs[1][299] = f16::INFINITY;
+        let mut out = vec![f16::ZERO; 300];
+        let err = sim_merge(&sim, &base, &xs, &models, &p, &mut out).unwrap_err().to_string();
+        assert_eq!(err, "models[1]: non-finite value inf at flat index 299");
+        assert_eq!(cpu_error(&base, &xs, &models, &p), err);
+        // Without the finite check a NaN delta of a ranked model still fails.
+        let (base, mut xs) = values::<f32>(1000, 6, false);
+        xs[2][17] = f32::NAN;
         let models = [Model { weight: 1.0, sparsify: Sparsify::Magnitude { density: 0.5 } }; 3];
-        let p = Params { consensus: true, normalize: true, rescale: false, lambda: 1.0, granularity: Granularity::Tensor, check_finite: true };
-        let err = unsafe { merge_on(&sim, &t, &models, &p) }.unwrap_err().to_string();
-        assert_eq!(err, "models[2]: non-finite value at flat index 17");
         let lenient = Params { check_finite: false, ..p };
-        let err = unsafe { merge_on(&sim, &t, &models, &lenient) }.unwrap_err().to_string();
-        assert!(err.contains("models[1]") || err.contains("models[2]"), "{err}");
+        let mut out = vec![0.0f32; 1000];
+        let err = sim_merge(&sim, &base, &xs, &models, &lenient, &mut out).unwrap_err().to_string();
+        assert_eq!(err, "models[2]: the delta from the base is NaN at flat index 17");
+        assert_eq!(cpu_error(&base, &xs, &models, &lenient), err);
     }
 
-    /// The steps of a merge, one kernel each per dtype.
-    const STEPS: [&str; 9] = ["first_nonfinite", "hist", "seg_ties", "mask", "l1", "row_cuts", "row_mask", "row_l1", "write"];
+    #[test]
+    fn a_short_workspace_is_refused() {
+        let Some(sim) = Sim::open() else { return };
+        let (base, xs) = values::<bf16>(5000, 1, false);
+        let models = [Model { weight: 1.0, sparsify: Sparsify::Magnitude { density: 0.3 } }; 3];
+        let p = Params { consensus: true, normalize: true, rescale: false, lambda: 1.0, granularity: Granularity::Tensor, check_finite: true };
+        let bytes = workspace_bytes(DType::BF16, 5000, &models, &p).unwrap();
+        assert!(bytes >= 3 * 5000, "three masks: {bytes}");
+        let mut ws = vec![0u64; bytes / 8];
+        let mut out = vec![bf16::ZERO; 5000];
+        let ptrs: Vec<u64> = xs.iter().map(|x| x.as_ptr() as u64).collect();
+        let t = DeviceTensors {
+            ordinal: 0, stream: 0, dtype: DType::BF16, out: out.as_mut_ptr() as u64, base: base.as_ptr() as u64,
+            models: &ptrs, numel: 5000, workspace: ws.as_mut_ptr() as u64, workspace_bytes: bytes - 1,
+        };
+        let err = unsafe { merge_on(&sim, &t, &models, &p) }.unwrap_err().to_string();
+        assert_eq!(err, format!("workspace: this merge needs {bytes} bytes, got {}", bytes - 1));
+        // Masks only where a model needs one: task arithmetic takes none.
+        let keep = [Model { weight: 1.0, sparsify: Sparsify::Keep }; 3];
+        assert!(workspace_bytes(DType::BF16, 5000, &keep, &p).unwrap() < 5000);
+        assert_eq!(workspace_bytes(DType::BF16, 0, &models, &p).unwrap(), 0);
+    }
+
+    /// The steps of a merge, one kernel each per dtype, and the shared ones.
+    const STEPS: [&str; 8] = ["first_nonfinite", "hist", "tile_ties", "mask", "l1", "row_select", "row_l1", "write"];
+    const SHARED: [&str; 5] = ["merge_select_cuts", "merge_tile_scan", "merge_dare_mask", "merge_scales_tensor", "merge_scales_rows"];
 
     #[test]
     fn every_merge_kernel_is_in_the_cuda_sources() {
@@ -564,13 +759,18 @@ mod tests {
                 assert!(kernel(step, dtype).is_ok(), "merge_{step} for {dtype} is not compiled");
             }
         }
+        for name in SHARED {
+            assert!(named(name).is_ok(), "{name} is not compiled");
+        }
         assert!(kernel("write", DType::U8).is_err());
+        // WriteArgs is passed by value: its layout is merge.cu's.
+        assert_eq!(std::mem::size_of::<WriteArgs>(), 1312);
     }
 
     #[test]
     fn rows_longer_than_u32_are_refused_clearly() {
         let n = 1usize << 32;
-        let t = DeviceTensors { ordinal: 0, stream: 0, dtype: DType::BF16, out: 1, base: 2, models: &[3], numel: n };
+        let t = DeviceTensors { ordinal: 0, stream: 0, dtype: DType::BF16, out: 1, base: 2, models: &[3], numel: n, workspace: 4, workspace_bytes: 0 };
         let p = Params { consensus: false, normalize: false, rescale: false, lambda: 1.0, granularity: Granularity::Row(n), check_finite: true };
         let err = unsafe { merge_tensor(&t, &[Model { weight: 1.0, sparsify: Sparsify::Keep }], &p) }.unwrap_err();
         assert!(err.to_string().contains("merge on the CPU only"), "{err}");

@@ -265,7 +265,19 @@ fn nan_error<T: Float>(c: &Chunk<'_, T>, p: &Params, m: usize, start: usize, i: 
             return e;
         }
     }
-    Error::Value(format!("models[{m}]: the delta from the base is NaN at flat index {}", start + i))
+    nan_delta_error(m, start + i)
+}
+
+/// The error for a NaN/Inf input (`input`: "base" or "models[i]") at a flat
+/// index: one message for the CPU and the CUDA merge.
+pub(crate) fn nonfinite_error(input: &str, value: f32, index: usize) -> Error {
+    Error::Value(format!("{input}: non-finite value {value} at flat index {index}"))
+}
+
+/// The error for a NaN delta of model `m` (inputs not checked for NaN/Inf):
+/// one message for the CPU and the CUDA merge.
+pub(crate) fn nan_delta_error(m: usize, index: usize) -> Error {
+    Error::Value(format!("models[{m}]: the delta from the base is NaN at flat index {index}"))
 }
 
 /// Refuses NaN/Inf in a chunk, naming the lowest flat index holding one and
@@ -289,9 +301,7 @@ fn check_finite<T: Float>(c: &Chunk<'_, T>, start: usize) -> Result<()> {
     // min_by_key keeps the first input among equal indices.
     let worst = inputs.iter().filter_map(|(name, xs)| first_bad(xs).map(|i| (i, name, xs[i]))).min_by_key(|t| t.0);
     match worst {
-        Some((i, name, v)) => {
-            Err(Error::Value(format!("{name}: non-finite value {} at flat index {}", v.to_f32(), start + i)))
-        }
+        Some((i, name, v)) => Err(nonfinite_error(name, v.to_f32(), start + i)),
         None => Ok(()),
     }
 }
