@@ -48,3 +48,18 @@ def test_is_available_is_false_without_gpu_or_true_with_one():
 def test_driver_info_on_gpu():
     info = cuda.driver_info()
     assert info["device_count"] >= 1 and info["devices"][0]["compute_capability"][0] >= 7
+
+
+@pytest.mark.gpu
+def test_the_chosen_nvrtc_matches_torchs_cuda_and_its_kernels_load():
+    import torch
+
+    from ferrox.cuda import _nvrtc_major
+
+    path = cuda.find_nvrtc()
+    assert path is not None
+    assert _nvrtc_major(path) == int(torch.version.cuda.split(".")[0]), path
+    # The driver loads what that NVRTC compiled: a merge runs.
+    x = torch.randn(1000, device="cuda")
+    out = ferrox.merge.merge_tensors("ties", x, [x + 1, x - 2], density=0.5)
+    assert out.device.type == "cuda"
