@@ -10,9 +10,9 @@ bit (``-0.0`` packs as 1) and unpacks 1 to -1.0 and 0 to +1.0.
 
 import torch
 
-from . import _checks, _core
+from . import _checks, _core, dtypes
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+FLOAT_DTYPES = tuple(dtypes.to_torch(name) for name in dtypes.KERNEL_FLOATS)
 
 
 def packed_row_bytes(row_len: int, bits: int) -> int:

@@ -17,6 +17,7 @@ from typing import Dict, List, Optional
 
 import yaml
 
+from .. import dtypes
 from .methods import MergeMethod, get_method
 
 TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "name"}
@@ -26,7 +27,7 @@ GLOBAL_PARAMS = {"normalize", "rescale", "lambda", "granularity", "seed"}
 REFUSED_PARAMS = {"int8_mask", "epsilon"}
 ALIASES = {"keep_frac": "density", "outlier_frac": "gamma"}
 PER_MODEL = {"weight", "density", "gamma"}
-DTYPES = {"float32", "float16", "bfloat16"}
+DTYPES = {dtypes.get(name).torch_name for name in dtypes.KERNEL_FLOATS}  # mergekit's names
 
 
 class ConfigError(ValueError):

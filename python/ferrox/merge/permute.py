@@ -48,9 +48,11 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from .. import dtypes
+
 StateDict = Mapping[str, torch.Tensor]
 Perms = Mapping[str, torch.Tensor]
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_FLOAT_DTYPES = tuple(dtypes.to_torch(d.name) for d in dtypes.DTYPES.values() if d.is_float)  # F64 too: no kernel
 # nn.Sequential names its children 0, 1, 2, ...; activations own no tensors.
 _SEQUENTIAL_KEY = re.compile(r"^(?P<prefix>.*?)(?P<index>\d+)\.(?P<kind>weight|bias)$")
 
