@@ -139,3 +139,98 @@ def test_huge_declared_header_is_refused(tmp_path):
     p.write_bytes(struct.pack("<Q", 2**40) + b"{}")
     with pytest.raises(ValueError, match="h.safetensors"):
         read_checkpoint(p)
+
+
+# --- the Rust reader of tensor bytes (_core.read_tensor_into) ------------------
+
+def test_read_tensor_into_matches_the_file(tmp_path):
+    import numpy as np
+
+    from ferrox import _core
+
+    tensors = sample_tensors()
+    save_file(tensors, str(tmp_path / "m.safetensors"))
+    raw = (tmp_path / "m.safetensors").read_bytes()
+    for t in read_checkpoint(tmp_path / "m.safetensors").tensors:
+        want = raw[t.data_start:t.data_start + t.nbytes]
+        buf = bytearray(t.nbytes)
+        assert _core.read_tensor_into(t.file, t.data_start, buf) is None
+        assert bytes(buf) == want
+        ref = tensors[t.name].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        assert bytes(buf) == ref, t.name
+        # numpy arrays of another dtype and memoryview slices are filled the same way.
+        arr = np.zeros(t.nbytes, dtype=np.uint8)
+        _core.read_tensor_into(t.file, t.data_start, arr, name=t.name)
+        assert arr.tobytes() == want
+        big = bytearray(t.nbytes + 6)
+        _core.read_tensor_into(t.file, t.data_start, memoryview(big)[3:3 + t.nbytes])
+        assert bytes(big) == b"\0" * 3 + want + b"\0" * 3
+    f32 = np.zeros((2, 2), dtype=np.float32)
+    _core.read_tensor_into(str(tmp_path / "m.safetensors"), 0, f32)
+    assert f32.tobytes() == raw[:16]
+    # A torch tensor's storage through its numpy view.
+    t = torch.zeros(5, dtype=torch.bfloat16)
+    _core.read_tensor_into(str(tmp_path / "m.safetensors"), 8, t.view(torch.uint8).numpy())
+    assert t.view(torch.uint8).numpy().tobytes() == raw[8:18]
+
+
+def test_read_tensor_into_errors(tmp_path):
+    import numpy as np
+
+    from ferrox import _core
+
+    p = tmp_path / "short.bin"
+    p.write_bytes(bytes(range(10)))
+    with pytest.raises(ValueError, match=r'short\.bin.*truncated.*"w"') as e:
+        _core.read_tensor_into(str(p), 8, bytearray(4), name="w")
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="short.bin"):
+        _core.read_tensor_into(str(p), 2**64 - 2, bytearray(4))
+    with pytest.raises(OverflowError):
+        _core.read_tensor_into(str(p), -1, bytearray(4))
+    with pytest.raises(OSError, match="missing.bin"):
+        _core.read_tensor_into(str(tmp_path / "missing.bin"), 0, bytearray(1))
+    with pytest.raises(ValueError, match="directory"):
+        _core.read_tensor_into(str(tmp_path), 0, bytearray(1))
+    with pytest.raises(ValueError, match="read-only"):
+        _core.read_tensor_into(str(p), 0, b"abcd")
+    ro = np.zeros(4, dtype=np.uint8)
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="read-only"):
+        _core.read_tensor_into(str(p), 0, ro)
+    with pytest.raises(ValueError, match="non-contiguous"):
+        _core.read_tensor_into(str(p), 0, np.zeros(8, dtype=np.uint8)[::2])
+    with pytest.raises(TypeError, match="buffer"):
+        _core.read_tensor_into(str(p), 0, [0, 0])
+    # Nothing to read is fine, even at the end of the file.
+    _core.read_tensor_into(str(p), 10, bytearray(0))
+    # The buffer cannot be resized under the read: the export is released after.
+    buf = bytearray(4)
+    _core.read_tensor_into(str(p), 6, buf)
+    assert bytes(buf) == bytes([6, 7, 8, 9])
+    buf.extend(b"x")  # no view left behind
+
+
+def test_read_tensor_into_from_threads(tmp_path):
+    """Concurrent reads (the GIL is released during each) fill each buffer right."""
+    import threading
+
+    from ferrox import _core
+
+    p = tmp_path / "big.bin"
+    data = os.urandom(1 << 22)
+    p.write_bytes(data)
+    out, errors = [bytearray(1 << 20) for _ in range(4)], []
+
+    def work(i):
+        try:
+            _core.read_tensor_into(str(p), i << 20, out[i])
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and b"".join(out) == data

@@ -41,6 +41,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(philox::philox_normal, m)?)?;
     m.add_function(wrap_pyfunction!(philox::philox_bits, m)?)?;
     m.add_function(wrap_pyfunction!(checkpoint::read_checkpoint, m)?)?;
+    m.add_function(wrap_pyfunction!(checkpoint::read_tensor_into, m)?)?;
     m.add_function(wrap_pyfunction!(cuda::cuda_driver_info, m)?)?;
     m.add_function(wrap_pyfunction!(cuda::nvrtc_check, m)?)?;
     Ok(())
