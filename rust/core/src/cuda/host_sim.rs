@@ -261,3 +261,26 @@ fn host_conversions_exhaustive() {
         check_narrowing(&xs);
     }
 }
+
+/// A missing compiler fails a simulation test under FERROX_REQUIRE_SIM=1,
+/// naming what is missing, and only returns early (with that note) without
+/// it. Run in a child process (this test binary) with CXX pointing nowhere.
+#[test]
+fn missing_compiler_fails_only_under_require_sim() {
+    let child = |require: Option<&str>| {
+        let mut cmd = Command::new(std::env::current_exe().unwrap());
+        cmd.args(["--exact", "cuda::host_sim::host_philox_kernels_match_cpu", "--nocapture", "--test-threads=1"]);
+        cmd.env("CXX", "/nonexistent/ferrox-c++");
+        match require {
+            Some(v) => cmd.env("FERROX_REQUIRE_SIM", v),
+            None => cmd.env_remove("FERROX_REQUIRE_SIM"),
+        };
+        let out = cmd.output().expect("re-running the test binary");
+        (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+    };
+    let why = "the host simulation is unavailable: cannot run the host C++ compiler /nonexistent/ferrox-c++";
+    let (ok, log) = child(Some("1"));
+    assert!(!ok && log.contains(&format!("FERROX_REQUIRE_SIM=1 and {why}")), "{log}");
+    let (ok, log) = child(None);
+    assert!(ok && log.contains(&format!("skipping: {why}")), "{log}");
+}
