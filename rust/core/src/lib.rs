@@ -6,6 +6,7 @@
 pub mod checkpoint;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod delta;
 pub mod dtype;
 pub mod error;
 pub mod merge;

@@ -1,0 +1,328 @@
+//! The 1-bit matmul on CUDA (`cuda/delta.cu`), launched on the caller's
+//! stream (torch's current stream) like the other ferrox kernels. The host
+//! simulation below runs the same source as host C++ and checks it bit for
+//! bit against the CPU kernel ([`super::matmul`]).
+//!
+//! The kernels are looked up by name in the runtime's source list
+//! (`crate::cuda::SOURCES`), where `delta.cu` is registered with [`KERNELS`].
+
+use std::ffi::c_void;
+
+use super::matmul::{check, Alphas, Dims};
+use crate::cuda::{arg, check_ptr};
+use crate::error::{Error, Result};
+use crate::DType;
+
+/// The kernels `cuda/delta.cu` defines.
+pub const KERNELS: &[&str] = &["delta_matmul_f32", "delta_matmul_f16", "delta_matmul_bf16"];
+/// Threads per block (8 warps; the kernel's shared tile assumes it).
+const THREADS: u32 = 256;
+/// Output rows and batch rows per block (DELTA_WARPS, DELTA_TB in delta.cu).
+const ROWS_PER_BLOCK: usize = 8;
+const BATCH_PER_BLOCK: usize = 8;
+/// Grid cap in blocks per multiprocessor; the kernel loops over the rest.
+const BLOCKS_PER_SM: u32 = 16;
+
+/// Where kernels run: the device, or the host simulation in tests.
+pub(crate) trait Launch {
+    fn multiprocessors(&self) -> Result<u32>;
+    /// # Safety
+    /// `params` point at the kernel's arguments, with its types.
+    unsafe fn launch(&self, kernel: &'static str, grid: u32, block: u32, params: &mut [*mut c_void]) -> Result<()>;
+}
+
+struct Cuda {
+    ordinal: i32,
+    stream: u64,
+}
+
+impl Launch for Cuda {
+    fn multiprocessors(&self) -> Result<u32> {
+        crate::cuda::multiprocessors(self.ordinal)
+    }
+    unsafe fn launch(&self, kernel: &'static str, grid: u32, block: u32, params: &mut [*mut c_void]) -> Result<()> {
+        crate::cuda::launch_grid(self.ordinal, self.stream, kernel, grid, block, params)
+    }
+}
+
+/// The scales as the kernel takes them.
+#[derive(Clone, Copy, Debug)]
+pub enum DeviceAlpha {
+    /// One value for every row (a single tenant's α).
+    Scalar(f32),
+    /// f32 [tenants] at a device pointer.
+    PerTenant(u64),
+    /// f32 [tenants, out] at a device pointer.
+    PerRow(u64),
+}
+
+/// One matmul on device pointers.
+#[derive(Clone, Copy, Debug)]
+pub struct DeviceMatmul {
+    pub ordinal: i32,
+    /// A CUstream as u64 (torch's current stream; 0 = the legacy stream).
+    pub stream: u64,
+    /// Element type of x and y.
+    pub dtype: DType,
+    pub dims: Dims,
+    /// x [batch, in]
+    pub x: u64,
+    /// u8 [tenants, out, ceil(in/8)]
+    pub signs: u64,
+    pub alpha: DeviceAlpha,
+    /// int64 [batch] tenant per batch row; 0 for the single-tenant kernel.
+    pub ids: u64,
+    /// y [batch, out]
+    pub y: u64,
+    pub accumulate: bool,
+}
+
+fn kernel(dtype: DType) -> Result<&'static str> {
+    Ok(match dtype {
+        DType::F32 => KERNELS[0],
+        DType::F16 => KERNELS[1],
+        DType::BF16 => KERNELS[2],
+        other => return Err(Error::DType(format!("x: expected float32, float16 or bfloat16, got {other}"))),
+    })
+}
+
+/// y = α ⊙ (x·Sᵀ) (or y += it) on the device, queued on `m.stream`
+/// (asynchronous, like a torch op). Bit for bit [`super::matmul`] /
+/// [`super::matmul_multi`]. Adapter ids are not range-checked on the device
+/// (that would need a host wait): the caller checks them.
+///
+/// # Safety
+/// Every pointer addresses its tensor (shapes from `m.dims`) on device
+/// `m.ordinal`, valid until the work queued on the stream completes; `y`
+/// overlaps no input.
+pub unsafe fn matmul(m: &DeviceMatmul) -> Result<()> {
+    matmul_on(&Cuda { ordinal: m.ordinal, stream: m.stream }, m)
+}
+
+pub(crate) unsafe fn matmul_on<L: Launch>(dev: &L, m: &DeviceMatmul) -> Result<()> {
+    let d = m.dims;
+    let name = kernel(m.dtype)?;
+    // Lengths only (no host copy of the values): the Alphas here stands for
+    // the shape of the device α.
+    let (len, per_row) = match m.alpha {
+        DeviceAlpha::Scalar(_) => (d.tenants, false),
+        DeviceAlpha::PerTenant(_) => (d.tenants, false),
+        DeviceAlpha::PerRow(_) => (d.tenants * d.out_features, true),
+    };
+    let shape_only = vec![0f32; len];
+    check(&d, d.batch * d.in_features, d.tenants * d.out_features * d.row_bytes(), &Alphas { values: &shape_only, per_row }, None, d.batch * d.out_features)?;
+    if d.tenants > 1 && m.ids == 0 {
+        return Err(Error::Value(format!("adapter_ids: required with {} fine-tunes", d.tenants)));
+    }
+    if matches!(m.alpha, DeviceAlpha::Scalar(_)) && d.tenants > 1 {
+        return Err(Error::Value("alpha: a scalar alpha takes one fine-tune".into()));
+    }
+    if d.batch == 0 || d.out_features == 0 {
+        return Ok(());
+    }
+    check_ptr("x", m.x)?;
+    check_ptr("signs", m.signs)?;
+    check_ptr("out", m.y)?;
+    let (mut alpha_ptr, mut alpha0, mut mode) = match m.alpha {
+        DeviceAlpha::Scalar(a) => (0u64, a, 0u32),
+        DeviceAlpha::PerTenant(p) => (p, 0.0, 1),
+        DeviceAlpha::PerRow(p) => (p, 0.0, 2),
+    };
+    if mode != 0 {
+        check_ptr("alpha", alpha_ptr)?;
+    }
+    let blocks = (d.out_features.div_ceil(ROWS_PER_BLOCK) as u64) * (d.batch.div_ceil(BATCH_PER_BLOCK) as u64);
+    let grid = blocks.clamp(1, (dev.multiprocessors()? * BLOCKS_PER_SM) as u64) as u32;
+    let (mut x, mut batch, mut inf, mut signs, mut rb, mut out) =
+        (m.x, d.batch as u64, d.in_features as u64, m.signs, d.row_bytes() as u64, d.out_features as u64);
+    let (mut ids, mut y, mut acc) = (m.ids, m.y, m.accumulate as u32);
+    let mut params = [
+        arg(&mut x), arg(&mut batch), arg(&mut inf), arg(&mut signs), arg(&mut rb), arg(&mut out),
+        arg(&mut alpha_ptr), arg(&mut alpha0), arg(&mut mode), arg(&mut ids), arg(&mut y), arg(&mut acc),
+    ];
+    dev.launch(name, grid, THREADS, &mut params)
+}
+
+#[cfg(test)]
+mod sim {
+    //! `cuda/delta.cu` run as host C++ by the fiber harness of
+    //! `crate::cuda::host_sim` (its text up to the kernels marker), and
+    //! compared bit for bit with the CPU kernel.
+
+    use std::ffi::{c_char, c_void, CString};
+    use std::hash::{Hash, Hasher};
+    use std::path::PathBuf;
+    use std::sync::OnceLock;
+
+    use half::{bf16, f16};
+
+    use super::*;
+    use crate::delta::matmul::{matmul, matmul_multi};
+    use crate::test_rng::XorShift;
+    use crate::Float;
+
+    const HARNESS: &str = include_str!("../cuda/host_sim.cpp");
+    const COMMON: &str = include_str!("../../../../cuda/common.cu");
+    const SOURCE: &str = include_str!("../../../../cuda/delta.cu");
+
+    /// cuLaunchKernel's convention: params[i] points at argument i.
+    const DISPATCH: &str = r#"
+#define DP(i, T) (*(T*)params[i])
+#define DELTA_SIM(SUFFIX, T)                                                                                   \
+    if (!std::strcmp(name, "delta_matmul_" #SUFFIX))                                                           \
+        return launch(grid, block, [&] {                                                                       \
+            delta_matmul_##SUFFIX(DP(0, const T*), DP(1, u64), DP(2, u64), DP(3, const u8*), DP(4, u64),         \
+                                  DP(5, u64), DP(6, const float*), DP(7, float), DP(8, u32), DP(9, const i64*),  \
+                                  DP(10, T*), DP(11, u32));                                                    \
+        }) ? 0 : 2;
+extern "C" int delta_sim_launch(const char* name, unsigned grid, unsigned block, void** params) {
+    DELTA_SIM(f32, float)
+    DELTA_SIM(f16, f16_t)
+    DELTA_SIM(bf16, bf16_t)
+    return 1;
+}
+"#;
+
+    type SimLaunch = unsafe extern "C" fn(*const c_char, u32, u32, *mut *mut c_void) -> i32;
+
+    fn build() -> std::result::Result<PathBuf, String> {
+        let prelude = HARNESS.split("// @@KERNELS@@").next().ok_or("host_sim.cpp has no kernels marker")?;
+        let source = format!("{prelude}\n{COMMON}\n{SOURCE}\n{DISPATCH}");
+        let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (&source, &cxx).hash(&mut h);
+        let dir = std::env::temp_dir().join(format!("ferrox-delta-sim-{:016x}", h.finish()));
+        let lib = dir.join("libdeltasim.so");
+        if lib.exists() {
+            return Ok(lib);
+        }
+        std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        let pid = std::process::id();
+        let cpp = dir.join(format!("sim-{pid}.cpp"));
+        let tmp = dir.join(format!("lib-{pid}.so"));
+        std::fs::write(&cpp, &source).map_err(|e| format!("cannot write {}: {e}", cpp.display()))?;
+        let flags = ["-std=c++17", "-O2", "-ffp-contract=off", "-fno-fast-math", "-Wall", "-Wextra", "-Wno-unknown-pragmas", "-Wno-unused-function", "-shared", "-fPIC"];
+        let out = std::process::Command::new(&cxx).args(flags).arg("-o").arg(&tmp).arg(&cpp).output();
+        let _ = std::fs::remove_file(&cpp);
+        let out = out.map_err(|e| format!("cannot run the host C++ compiler {cxx} (set CXX): {e}"))?;
+        let log = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "cuda/delta.cu does not compile as host C++:\n{log}");
+        if !log.trim().is_empty() {
+            eprintln!("host C++ warnings on cuda/delta.cu:\n{log}");
+        }
+        std::fs::rename(&tmp, &lib).map_err(|e| format!("cannot move the simulator to {}: {e}", lib.display()))?;
+        Ok(lib)
+    }
+
+    fn sim_launch() -> Option<libloading::Symbol<'static, SimLaunch>> {
+        static SYM: OnceLock<std::result::Result<libloading::Symbol<'static, SimLaunch>, String>> = OnceLock::new();
+        let loaded = SYM.get_or_init(|| {
+            let path = build()?;
+            // SAFETY: our own harness library, kept loaded for the process.
+            let lib = unsafe { libloading::Library::new(&path) }.map_err(|e| format!("cannot load {}: {e}", path.display()))?;
+            let lib: &'static libloading::Library = Box::leak(Box::new(lib));
+            // SAFETY: the symbol has this signature (DISPATCH above).
+            unsafe { lib.get::<SimLaunch>(b"delta_sim_launch\0") }.map_err(|e| format!("no delta_sim_launch: {e}"))
+        });
+        crate::cuda::host_sim::or_skip("the delta host simulation", loaded.as_ref().map(|s| s.clone()).map_err(Clone::clone))
+    }
+
+    /// The simulation stands in for the device: "device pointers" are host
+    /// pointers and launches run the kernel source on the host, one at a
+    /// time (the fiber scheduler is process-global).
+    struct Sim {
+        launch: libloading::Symbol<'static, SimLaunch>,
+        multiprocessors: u32,
+    }
+
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    impl Launch for Sim {
+        fn multiprocessors(&self) -> Result<u32> {
+            Ok(self.multiprocessors)
+        }
+        unsafe fn launch(&self, kernel: &'static str, grid: u32, block: u32, params: &mut [*mut c_void]) -> Result<()> {
+            let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+            let name = CString::new(kernel).map_err(|e| Error::Cuda(e.to_string()))?;
+            match (self.launch)(name.as_ptr(), grid, block, params.as_mut_ptr()) {
+                0 => Ok(()),
+                1 => Err(Error::Cuda(format!("no kernel {kernel} in the simulation"))),
+                r => Err(Error::Cuda(format!("{kernel}: simulated launch failed ({r})"))),
+            }
+        }
+    }
+
+    fn bits_of<T: Float>(v: &[T]) -> Vec<u32> {
+        v.iter().map(|x| x.to_f32().to_bits()).collect()
+    }
+
+    fn case<T: Float>(sim: &Sim, batch: usize, inf: usize, out: usize, tenants: usize, per_row: bool, accumulate: bool, seed: u64) {
+        let mut g = XorShift::new(seed);
+        let x: Vec<T> = (0..batch * inf).map(|_| T::from_f32(g.normal_ish())).collect();
+        let d = Dims { batch, in_features: inf, out_features: out, tenants };
+        // Random bytes, padding bits included: the kernels must ignore them.
+        let signs: Vec<u8> = (0..tenants * out * d.row_bytes()).map(|_| g.next() as u8).collect();
+        let alphas: Vec<f32> = (0..if per_row { tenants * out } else { tenants }).map(|_| 0.01 + g.below(1000) as f32 * 1e-4).collect();
+        let ids: Vec<i64> = (0..batch).map(|_| g.below(tenants as u64) as i64).collect();
+        let y0: Vec<T> = (0..batch * out).map(|_| T::from_f32(g.normal_ish())).collect();
+        let a = Alphas { values: &alphas, per_row };
+        let mut want = y0.clone();
+        if tenants == 1 && seed % 2 == 0 {
+            matmul(&x, d, &signs, a, &mut want, accumulate).unwrap();
+        } else {
+            matmul_multi(&x, d, &signs, a, &ids, &mut want, accumulate).unwrap();
+        }
+        let mut got = y0.clone();
+        let alpha = match (tenants, per_row) {
+            (1, false) if seed % 3 == 0 => DeviceAlpha::Scalar(alphas[0]),
+            (_, false) => DeviceAlpha::PerTenant(alphas.as_ptr() as u64),
+            (_, true) => DeviceAlpha::PerRow(alphas.as_ptr() as u64),
+        };
+        let m = DeviceMatmul {
+            ordinal: 0,
+            stream: 0,
+            dtype: T::DTYPE,
+            dims: d,
+            x: x.as_ptr() as u64,
+            signs: signs.as_ptr() as u64,
+            alpha,
+            ids: if tenants == 1 && seed % 2 == 0 { 0 } else { ids.as_ptr() as u64 },
+            y: got.as_mut_ptr() as u64,
+            accumulate,
+        };
+        // SAFETY: host buffers of the shapes in `d`, alive across the call.
+        unsafe { matmul_on(sim, &m) }.unwrap();
+        let bad = bits_of(&got).iter().zip(bits_of(&want)).position(|(g, w)| *g != w);
+        assert!(bad.is_none(), "{:?} batch={batch} in={inf} out={out} tenants={tenants} per_row={per_row} acc={accumulate}: element {bad:?}", T::DTYPE);
+    }
+
+    #[test]
+    fn simulated_delta_kernels_match_the_cpu_bitwise() {
+        let Some(launch) = sim_launch() else { return };
+        for multiprocessors in [1u32, 3] {
+            let sim = Sim { launch: launch.clone(), multiprocessors };
+            let mut seed = multiprocessors as u64;
+            for &(batch, inf, out) in &[(1, 1, 1), (1, 5, 3), (3, 32, 9), (9, 37, 17), (16, 100, 8), (17, 64, 5), (2, 257, 33)] {
+                for tenants in [1, 3] {
+                    seed += 1;
+                    case::<f32>(&sim, batch, inf, out, tenants, seed % 2 == 0, seed % 4 < 2, seed);
+                    case::<f16>(&sim, batch, inf, out, tenants, seed % 2 == 1, seed % 4 >= 2, seed + 100);
+                    case::<bf16>(&sim, batch, inf, out, tenants, seed % 3 == 0, seed % 3 == 1, seed + 200);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn device_launch_checks_shapes_before_launching() {
+        let Some(launch) = sim_launch() else { return };
+        let sim = Sim { launch, multiprocessors: 1 };
+        let d = Dims { batch: 1, in_features: 8, out_features: 2, tenants: 2 };
+        let m = DeviceMatmul { ordinal: 0, stream: 0, dtype: DType::F32, dims: d, x: 8, signs: 8, alpha: DeviceAlpha::PerTenant(8), ids: 0, y: 8, accumulate: false };
+        let err = unsafe { matmul_on(&sim, &m) }.unwrap_err().to_string();
+        assert!(err.contains("adapter_ids"), "{err}");
+        let m = DeviceMatmul { dtype: DType::I32, ..m };
+        let err = unsafe { matmul_on(&sim, &m) }.unwrap_err().to_string();
+        assert!(err.contains("int32"), "{err}");
+    }
+}
