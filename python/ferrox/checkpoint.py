@@ -79,7 +79,7 @@ class TensorReader:
         n = memoryview(buffer).nbytes
         if at < 0 or at + n > entry.nbytes:
             raise ValueError(f"{entry.file}: tensor {entry.name!r}: {n} bytes at {at} overrun its {entry.nbytes} bytes")
-        _read_into(entry.file, entry.data_start + at, buffer)
+        _core.read_tensor_into(entry.file, entry.data_start + at, buffer, entry.name)
 
     def read_bytes(self, entry: TensorEntry) -> bytearray:
         buf = bytearray(entry.nbytes)
@@ -97,22 +97,6 @@ class TensorReader:
 
     def close(self):
         pass  # the Rust reader opens and closes the file per read
-
-
-def _read_into(path: str, offset: int, buffer) -> None:
-    try:
-        _core.read_tensor_into(path, offset, buffer)
-    except AttributeError:  # pragma: no cover - older extension builds
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            view, done = memoryview(buffer).cast("B"), 0
-            while done < len(view):
-                k = os.preadv(fd, [view[done:]], offset + done)
-                if k == 0:
-                    raise ValueError(f"{path}: truncated at byte {offset + done}")
-                done += k
-        finally:
-            os.close(fd)
 
 
 def human_bytes(n: int) -> str:
