@@ -129,9 +129,10 @@ pub fn open_regular(path: &Path) -> Result<File> {
     Ok(f)
 }
 
-/// Fills `buf` from byte `offset` of `file` with positioned reads, retrying
-/// interrupted and short reads; running out of file is a truncated file.
-fn read_full_at(file: &File, path: &Path, offset: u64, buf: &mut [u8]) -> Result<()> {
+/// Fills `buf` from byte `offset` of the open `file` (named `path` in errors)
+/// with positioned reads, retrying interrupted and short reads; running out
+/// of file is a truncated file (`Error::Format`), not an I/O error.
+pub fn read_full_at(file: &File, path: &Path, offset: u64, buf: &mut [u8]) -> Result<()> {
     let end = offset
         .checked_add(buf.len() as u64)
         .filter(|&e| e <= i64::MAX as u64)
