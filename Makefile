@@ -42,8 +42,11 @@ demo: build
 test-rust: $(DEPS)
 	FERROX_REQUIRE_SIM=1 LD_LIBRARY_PATH=$(NVRTC_DIR):$$LD_LIBRARY_PATH cargo test --release -p ferrox-core
 
+# Two worker processes (one per core of a 2-core CI box); tests that share an
+# expensive module fixture stay on one worker (xdist_group, set in conftest.py).
+# HYPOTHESIS_PROFILE=ci|dev|long sets the property-test budgets.
 test-python: build
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadgroup tests
 
 test: test-rust test-python
 

@@ -132,7 +132,7 @@ def assert_bitwise(a, b):
     granularity=st.sampled_from(["tensor", "row"]),
     data=st.data(),
 )
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=2 * settings.default.max_examples, deadline=None)
 def test_every_method_matches_reference(method, dtype, rows, cols, n_models, tie_heavy, granularity, data):
     base, models = make((rows, cols), dtype, n_models, data.draw(st.integers(0, 10**6)), tie_heavy)
     weights = [data.draw(st.sampled_from([0.25, 0.5, 1.0, 1.5])) for _ in models]

@@ -28,7 +28,7 @@ def test_axpby_matches_torch_bitwise(dtype, n, rng):
 
 
 @given(st.integers(0, 300), st.floats(-4, 4, width=32), st.floats(-4, 4, width=32), st.sampled_from(DTYPES))
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=settings.default.max_examples * 3 // 5, deadline=None)
 def test_axpby_property(n, a, b, dtype):
     g = torch.Generator().manual_seed(n)
     x = (torch.randn(n, generator=g) * 100).to(dtype)

@@ -24,7 +24,7 @@ def codes_reference(codes: np.ndarray, bits: int) -> np.ndarray:
 
 
 @given(st.sampled_from(DTYPES), st.integers(1, 5), st.integers(1, 70), st.integers(0, 2**31))
-@settings(max_examples=100, deadline=None)
+@settings(deadline=None)
 def test_pack_signs_matches_numpy(dtype, rows, cols, seed):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(rows, cols, generator=g).to(dtype)
@@ -37,7 +37,7 @@ def test_pack_signs_matches_numpy(dtype, rows, cols, seed):
 
 
 @given(st.integers(1, 8), st.integers(1, 4), st.integers(1, 50), st.integers(0, 2**31))
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=settings.default.max_examples * 3 // 2, deadline=None)
 def test_pack_codes_matches_reference_and_roundtrips(bits, rows, cols, seed):
     g = torch.Generator().manual_seed(seed)
     codes = torch.randint(0, 2**bits, (rows, cols), generator=g, dtype=torch.uint8)

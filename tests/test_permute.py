@@ -108,7 +108,7 @@ def test_spec_may_be_a_plain_dict_and_any_tensor_axis():
     assert torch.equal(perms["mlp"], torch.argsort(planted["mlp"]))
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=settings.default.max_examples * 2 // 5, deadline=None)
 @given(widths=st.lists(st.integers(1, 9), min_size=3, max_size=6), seed=st.integers(0, 2**16),
        dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
 def test_apply_then_invert_gives_back_the_original(widths, seed, dtype):
@@ -140,7 +140,7 @@ def alignment_score(reference, other):
 # Coordinate descent stops at a local optimum: with layers of a few units it
 # can miss a planted permutation (e.g. widths [2, 2, 6, 2], seed 2), so the
 # property for any widths is the fixed point, not the global optimum.
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=settings.default.max_examples // 4, deadline=None)
 @given(widths=st.lists(st.integers(1, 12), min_size=3, max_size=5), seed=st.integers(0, 2**16))
 def test_matching_reaches_a_fixed_point_that_scores_no_worse(widths, seed):
     a, b = random_state_dict(widths, seed), random_state_dict(widths, seed + 1)

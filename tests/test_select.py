@@ -47,7 +47,7 @@ def tensors(draw, max_rows=6, max_cols=40):
 
 
 @given(tensors(), st.data())
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=settings.default.max_examples * 3 // 2, deadline=None)
 def test_band_mask_rows_matches_reference(x, data):
     cols = x.shape[-1]
     hi = data.draw(st.integers(0, cols))
@@ -57,7 +57,7 @@ def test_band_mask_rows_matches_reference(x, data):
 
 
 @given(tensors(), st.data())
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=settings.default.max_examples * 3 // 2, deadline=None)
 def test_band_mask_tensor_matches_reference(x, data):
     n = x.numel()
     hi = data.draw(st.integers(0, n))
@@ -68,7 +68,7 @@ def test_band_mask_tensor_matches_reference(x, data):
 
 
 @given(tensors(max_rows=50, max_cols=50), st.data())
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=settings.default.max_examples * 3 // 2, deadline=None)
 def test_kth_largest_abs_matches_kthvalue(x, data):
     n = x.numel()
     k = data.draw(st.integers(1, n))

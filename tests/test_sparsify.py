@@ -30,7 +30,7 @@ def tau(shape, dtype, seed, tie_heavy=False):
     tie_heavy=st.booleans(),
     seed=st.integers(0, 10**6),
 )
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=2 * settings.default.max_examples, deadline=None)
 def test_mask_matches_reference(kind, dtype, rows, cols, density, gamma, granularity, tie_heavy, seed):
     t = tau((rows, cols), dtype, seed, tie_heavy)
     got = sparsify(t, kind, density=density, gamma=gamma, granularity=granularity, seed=seed, tensor_name="w")
