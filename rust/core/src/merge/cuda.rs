@@ -647,6 +647,66 @@ mod tests {
     }
 
     #[test]
+    fn simulated_tiny_tensors_merge_bitwise_like_the_cpu() {
+        // Less than a tile, a warp, a Philox block; a single element.
+        let Some(sim) = Sim::open() else { return };
+        for n in [1, 2, 5, 37] {
+            for ties in [false, true] {
+                check_against_cpu::<bf16>(&sim, n, ties, Granularity::Tensor);
+                check_against_cpu::<f32>(&sim, n, ties, Granularity::Tensor);
+            }
+        }
+    }
+
+    fn compare_one<T: Float>(sim: &Sim, base: &[T], xs: &[Vec<T>], models: &[Model], p: &Params, what: &str) {
+        let terms: Vec<Term<'_, T>> = xs.iter().zip(models).map(|(x, m)| Term { values: x, weight: m.weight, sparsify: m.sparsify }).collect();
+        let mut want = vec![T::from_f32(0.0); base.len()];
+        let cpu = cpu_merge(base, &terms, p, &mut want).unwrap();
+        let mut got = vec![T::from_f32(0.0); base.len()];
+        let stats = sim_merge(sim, base, xs, models, p, &mut got).unwrap();
+        assert_eq!(bits(&got), bits(&want), "{what}");
+        assert_eq!(stats.changed, cpu.changed, "{what}");
+    }
+
+    #[test]
+    fn simulated_random_configurations_merge_bitwise_like_the_cpu() {
+        // Random sizes, row lengths, densities, gammas and weights (seeded).
+        let Some(sim) = Sim::with(32, 2) else { return };
+        let mut g = crate::test_rng::XorShift::new(77);
+        for case in 0..24 {
+            let (rows, len) = (1 + g.next() as usize % 40, 1 + g.next() as usize % 700);
+            let n = rows * len;
+            let granularity = if g.next() % 2 == 0 { Granularity::Tensor } else { Granularity::Row(len) };
+            let frac = |g: &mut crate::test_rng::XorShift| (g.next() % 1001) as f64 / 1000.0;
+            let models: Vec<Model> = (0..1 + case % 4)
+                .map(|m| {
+                    let sparsify = match g.next() % 4 {
+                        0 => Sparsify::Magnitude { density: frac(&mut g) },
+                        1 => Sparsify::Band { density: frac(&mut g), gamma: frac(&mut g) / 4.0 },
+                        2 => Sparsify::Random { density: frac(&mut g), seed: 9, stream: m as u64 },
+                        _ => Sparsify::Keep,
+                    };
+                    Model { weight: (g.next() % 2001) as f32 / 1000.0 - 1.0, sparsify }
+                })
+                .collect();
+            let p = Params {
+                consensus: g.next() % 2 == 0, normalize: g.next() % 2 == 0, rescale: g.next() % 2 == 0,
+                lambda: 0.5 + (g.next() % 100) as f32 / 100.0, granularity, check_finite: true,
+            };
+            let ties = g.next() % 2 == 0;
+            let what = format!("case {case}: n={n} {granularity:?} {models:?} {p:?}");
+            let nm = models.len();
+            if case % 2 == 0 {
+                let (base, xs) = values::<bf16>(n, case as u64, ties);
+                compare_one(&sim, &base, &xs[..nm.min(3)], &models[..nm.min(3)], &p, &what);
+            } else {
+                let (base, xs) = values::<f32>(n, case as u64, ties);
+                compare_one(&sim, &base, &xs[..nm.min(3)], &models[..nm.min(3)], &p, &what);
+            }
+        }
+    }
+
+    #[test]
     fn simulated_row_kernels_merge_bitwise_like_the_cpu() {
         let Some(sim) = Sim::open() else { return };
         // Rows long and short (longer than a tile too), a single row, rows of
