@@ -1,7 +1,8 @@
 """Streaming merges keep memory bounded: 3 synthetic bf16 fine-tunes of 512 MiB
 each (largest tensor 64 MiB) merged in a child process whose peak RSS must
-stay within 256 MiB of its post-import baseline, and the result must equal
-the in-memory merge of the same tensors."""
+stay within about twice its measured growth over the post-import baseline
+(LIMIT_MB), and the result must equal the in-memory merge of the same
+tensors."""
 
 import json
 import os
@@ -15,7 +16,11 @@ from safetensors.torch import save_file
 
 from ferrox.merge import load_state_dict, merge_tensors
 
-LIMIT_MB = 256
+# Measured 2026-12-01 (2 cores, release build): ties 68 MiB, task_arithmetic
+# 65 MiB above the baseline (57 MiB in an earlier run). The bound is about
+# twice that: room for allocator noise and at most one more whole 64 MiB
+# tensor, where 256 MiB let three more through unnoticed.
+LIMIT_MB = {"ties": 136, "task_arithmetic": 130}
 SHAPE = (8192, 4096)  # 32M bf16 elements: 64 MiB
 TENSORS = 8  # 512 MiB per checkpoint
 
@@ -94,8 +99,8 @@ def test_streaming_merge_memory_is_bounded(big_models, method, params):
     assert r.returncode == 0, r.stderr
     mem = json.loads(r.stdout.strip().splitlines()[-1])
     grown_mb = (mem["peak_kb"] - mem["baseline_kb"]) / 1024
-    print(f"{method}: peak RSS {grown_mb:.0f} MiB above the baseline (limit {LIMIT_MB})")
-    assert grown_mb <= LIMIT_MB
+    print(f"{method}: peak RSS {grown_mb:.0f} MiB above the baseline (limit {LIMIT_MB[method]})")
+    assert grown_mb <= LIMIT_MB[method], f"{method}: peak RSS grew {grown_mb:.0f} MiB (limit {LIMIT_MB[method]})"
 
     # Spot-check the streamed result against the in-memory merge on two tensors.
     merged = load_state_dict(out)
