@@ -336,3 +336,17 @@ def test_count_parses_mergekit_units():
     for bad in ("0", "-1", "inf", "nan", "x", "1e400"):
         with pytest.raises(argparse.ArgumentTypeError):
             _common.count(bad)
+
+
+def test_integer_buffers_are_copied_from_the_reference_model_bit_for_bit(capsys, tmp_path):
+    ids = np.array([3, -1, 2**40, 0], np.int64)
+    for name, v in (("base", 1.0), ("ft", 2.0)):
+        (tmp_path / name).mkdir()
+        save_file({"w": np.full((2, 3), v, np.float32), "position_ids": ids if name == "base" else ids * 0},
+                  str(tmp_path / name / "model.safetensors"))
+    cfg = config(tmp_path / "m.yml", tmp_path / "base", [tmp_path / "ft"], method="task_arithmetic")
+    assert inproc(capsys, "merge", cfg, tmp_path / "out").returncode == 0
+    from safetensors.numpy import load_file
+
+    got = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert got["position_ids"].tobytes() == ids.tobytes() and got["w"].tolist() == [[1.5] * 3] * 2  # 1 + 0.5·(2 − 1)

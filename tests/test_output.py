@@ -245,3 +245,26 @@ def test_report_must_be_json_serialisable_without_nan(tmp_path):
     (tmp_path / "bad" / output.REPORT_FILE).write_text("{oops")
     with pytest.raises(ValueError, match="not valid JSON"):
         output.read_report(tmp_path / "bad")
+
+
+def test_copy_moves_any_dtype_bit_for_bit_in_steps_and_metadata_patches_in_place(tmp_path):
+    from safetensors.numpy import save_file
+
+    src = tmp_path / "src.safetensors"
+    values = {"ids": np.arange(-50, 51, dtype=np.int64), "flags": np.array([True, False, True]),
+              "h": np.frombuffer(np.random.default_rng(0).bytes(2 * 33), dtype=np.float16)}
+    save_file(values, str(src))
+    entries = {t.name: t for t in read_checkpoint(src).tensors}
+    planned = [PlannedTensor(n, e.dtype, e.shape, e.nbytes) for n, e in entries.items()]
+    with OutputFolder(tmp_path / "out", fmt="merge") as dest:
+        w = dest.writer(planned, 1 << 20, metadata={"ferrox_hash": "?" * 16})
+        for n, e in entries.items():
+            w.copy(n, e, step=7)  # steps that split elements
+        w.patch_metadata("ferrox_hash", "0123456789abcdef")
+        with pytest.raises(ValueError, match="grew"):
+            w.patch_metadata("ferrox_hash", "0123456789abcdef-longer")
+    info = read_checkpoint(tmp_path / "out")
+    assert info.metadata[info.files[0]]["ferrox_hash"] == "0123456789abcdef"
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), "np") as f:
+        for n, v in values.items():
+            assert f.get_tensor(n).tobytes() == v.tobytes(), n

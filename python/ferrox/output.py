@@ -208,6 +208,7 @@ class ShardedWriter:
         n = len(groups)
         names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
         meta = {"format": "pt", **{str(k): str(v) for k, v in (metadata or {}).items()}}
+        self._headers: Dict[str, tuple] = {}
         self.where = {}
         self.files = []
         for fname, group in zip(names, groups):
@@ -218,6 +219,7 @@ class ShardedWriter:
             raw = json.dumps(header, separators=(",", ":")).encode()
             raw += b" " * (-len(raw) % 8)  # 8-byte aligned data section
             path = os.path.join(self.folder, fname)
+            self._headers[path] = (header, len(raw))
             with open(path, "wb") as f:
                 f.write(len(raw).to_bytes(8, "little"))
                 f.write(raw)
@@ -248,6 +250,35 @@ class ShardedWriter:
         fd, done = self._fd(path), 0
         while done < len(view):
             done += os.pwrite(fd, view[done:], offset + at + done)
+
+    def copy(self, name: str, entry, step: int = 16 << 20) -> None:
+        """Copies the bytes of an input tensor (a ``checkpoint.TensorEntry``)
+        to ``name``, ``step`` bytes at a time (any dtype, bit for bit)."""
+        from .checkpoint import TensorReader
+
+        _, _, planned = self.where[name]
+        if entry.nbytes != planned.nbytes:
+            raise ValueError(f"{name}: planned {planned.nbytes} bytes, the input has {entry.nbytes}")
+        reader = TensorReader()
+        buf = bytearray(min(step, entry.nbytes))
+        for at in range(0, entry.nbytes, step):
+            view = memoryview(buf)[:min(step, entry.nbytes - at)]
+            reader.read_into(entry, view, at)
+            self.write_bytes(name, view, at)
+
+    def patch_metadata(self, key: str, value: str) -> None:
+        """Replaces metadata ``key`` of every shard by a value of the same
+        encoded length (e.g. hashes known only after the pass that wrote the
+        tensors)."""
+        for path in self.files:
+            header, length = self._headers[path]
+            header["__metadata__"][key] = str(value)
+            raw = json.dumps(header, separators=(",", ":")).encode()
+            if len(raw) > length:
+                raise ValueError(f"{path}: metadata {key!r} grew from the planned header ({len(raw)} > {length} bytes)")
+            raw += b" " * (length - len(raw))
+            fd = self._fd(path)
+            os.pwrite(fd, raw, 8)
 
     def write(self, name: str, tensor) -> None:
         """Writes a whole torch tensor (or numpy array) planned as ``name``."""

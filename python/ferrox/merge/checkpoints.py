@@ -24,8 +24,6 @@ from .terms import merge_terms, row_length
 #: Working memory of a streamed tensor merge (all inputs' chunk buffers plus
 #: the output's); bounds a merge's memory whatever the tensor sizes.
 CHUNK_BYTES = 64 << 20
-#: Bytes per copy step of an integer tensor.
-COPY_BYTES = 16 << 20
 
 
 class MergeError(ValueError):
@@ -169,15 +167,6 @@ def _merge_on_device(cfg: MergeConfig, p, inputs, entries, writer, allow_nonfini
     return changed
 
 
-def _copy_tensor(entry, p, reader, writer) -> None:
-    """Copies a tensor's bytes from its input file to the output, in steps."""
-    buf = bytearray(min(COPY_BYTES, entry.nbytes))
-    for at in range(0, entry.nbytes, COPY_BYTES):
-        view = memoryview(buf)[:min(COPY_BYTES, entry.nbytes - at)]
-        reader.read_into(entry, view, at)
-        writer.write_bytes(p.name, view, at)
-
-
 def parse_device(device: str):
     """``None`` for ``"cpu"``, else the torch device (checked to exist)."""
     if device == "cpu":
@@ -236,7 +225,7 @@ def merge_checkpoints(cfg: MergeConfig, out: str, *, force: bool = False, max_sh
             for p in planned:
                 entries = [i.entry(p.name) for i in inputs]
                 if entries[0].dtype not in dtypes.KERNEL_FLOATS:
-                    _copy_tensor(entries[0], p, inputs[0].reader, writer)  # integer buffers: the reference's
+                    writer.copy(p.name, entries[0])  # integer buffers: the reference model's, bit for bit
                     copied += 1
                 else:
                     if gpu is not None:
