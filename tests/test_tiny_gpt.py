@@ -220,20 +220,21 @@ def test_perplexity_matches_a_naive_reference():
     assert 200 < got < 320
 
 
-def test_training_is_deterministic_and_leaves_global_state_alone():
+@pytest.mark.parametrize("threads", [1, tasks.TRAIN_THREADS])
+def test_training_is_deterministic_and_leaves_global_state_alone(threads):
     text = corpus.split(0).finetune["statements"][:20_000]
-    threads = torch.get_num_threads()
+    outer_threads = torch.get_num_threads()
     rng = torch.get_rng_state()
     a, b, c = TinyGPT(SMALL, seed=0), TinyGPT(SMALL, seed=0), TinyGPT(SMALL, seed=0)
-    la = tasks.train(a, text, 4, 3e-3, seed=11, batch_size=4, seq_len=32, warmup=2, threads=1)
-    lb = tasks.train(b, text, 4, 3e-3, seed=11, batch_size=4, seq_len=32, warmup=2, threads=1)
-    tasks.train(c, text, 4, 3e-3, seed=12, batch_size=4, seq_len=32, warmup=2, threads=1)
+    la = tasks.train(a, text, 4, 3e-3, seed=11, batch_size=4, seq_len=32, warmup=2, threads=threads)
+    lb = tasks.train(b, text, 4, 3e-3, seed=11, batch_size=4, seq_len=32, warmup=2, threads=threads)
+    tasks.train(c, text, 4, 3e-3, seed=12, batch_size=4, seq_len=32, warmup=2, threads=threads)
     assert la == lb
     for k, v in a.state_dict().items():
         assert torch.equal(v, b.state_dict()[k]), k
     assert not torch.equal(a.lm_head.weight, c.lm_head.weight)
     assert not torch.equal(a.lm_head.weight, TinyGPT(SMALL, seed=0).lm_head.weight)  # it did train
-    assert torch.get_num_threads() == threads and torch.equal(torch.get_rng_state(), rng)
+    assert torch.get_num_threads() == outer_threads and torch.equal(torch.get_rng_state(), rng)
 
 
 def test_lr_schedule():

@@ -24,9 +24,9 @@ CONFIG_KEY = "ferrox_tiny_gpt"
 @dataclass(frozen=True)
 class TinyGPTConfig:
     vocab: int = 256  # byte-level
-    dim: int = 192
+    dim: int = 128
     n_layers: int = 4
-    n_heads: int = 6
+    n_heads: int = 4
     ffn: int = 512  # SwiGLU hidden size (Llama's intermediate_size)
     max_seq: int = 256
     rope_theta: float = 10000.0
