@@ -276,6 +276,10 @@ def test_cache_builds_once_under_concurrency_and_never_publishes_a_failure(tmp_p
         tasks._cached("other", broken)
     assert not os.path.exists(os.path.join(tasks.cache_dir(), "other"))
     assert not [n for n in os.listdir(tasks.cache_dir()) if ".tmp-" in n]
+    # a killed trainer's temporary folder is cleared by the next one
+    os.makedirs(os.path.join(tasks.cache_dir(), ".other.tmp-999999999", "junk"))
+    assert tasks._cached("other", build) == os.path.join(tasks.cache_dir(), "other")
+    assert not [n for n in os.listdir(tasks.cache_dir()) if ".tmp-" in n]
 
 
 def test_cache_key_covers_the_recipe(monkeypatch):

@@ -6,8 +6,8 @@ tiny GPT and its fine-tunes.
 folders (``model.safetensors`` + ``config.json``) that are trained on first
 use and cached under ``$FERROX_CACHE/tiny-gpt/<key>/`` (default
 ``~/.cache/ferrox``). The key hashes the model config, the split's text,
-the training hyperparameters and ``CODE_VERSION``, so changing any of them
-retrains. Folders are published atomically (trained into a temporary sibling,
+the training hyperparameters, the training thread count and
+``CODE_VERSION``, so changing any of them retrains. Folders are published atomically (trained into a temporary sibling,
 then renamed) under an exclusive file lock, so concurrent processes (pytest
 -xdist workers) train once and never see a partial folder.
 """
@@ -209,12 +209,12 @@ def _locked(path: str):
     try:
         import fcntl
     except ImportError:  # no flock (Windows): the atomic rename alone keeps the cache whole
-        yield
+        yield False
         return
     with open(path, "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
-            yield
+            yield True
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
 
@@ -227,10 +227,10 @@ def _cached(name: str, build) -> str:
     if os.path.isfile(os.path.join(target, "model.safetensors")):
         return target
     os.makedirs(root, exist_ok=True)
-    with _locked(os.path.join(root, f".{name}.lock")):
+    with _locked(os.path.join(root, f".{name}.lock")) as exclusive:
         if os.path.isfile(os.path.join(target, "model.safetensors")):
             return target  # another process made it while we waited
-        for stale in os.listdir(root):  # left by killed processes (we hold the lock)
+        for stale in os.listdir(root) if exclusive else ():  # left by killed processes
             if stale.startswith(f".{name}.tmp-"):
                 shutil.rmtree(os.path.join(root, stale), ignore_errors=True)
         tmp = os.path.join(root, f".{name}.tmp-{os.getpid()}")
