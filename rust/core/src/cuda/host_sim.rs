@@ -65,7 +65,7 @@ pub(crate) fn sim_launch() -> Option<libloading::Symbol<'static, SimLaunch>> {
         // SAFETY: the symbol has this signature (host_sim.cpp).
         unsafe { lib.get::<SimLaunch>(b"sim_launch\0") }.map_err(|e| format!("{} has no sim_launch: {e}", path.display()))
     });
-    or_skip("the host simulation library", loaded.as_ref().map(|s| s.clone()).map_err(Clone::clone))
+    or_skip("the host simulation library", loaded.clone())
 }
 
 fn build(extra: &[&str]) -> std::result::Result<PathBuf, String> {

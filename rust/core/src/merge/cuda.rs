@@ -676,7 +676,7 @@ mod tests {
         for case in 0..24 {
             let (rows, len) = (1 + g.next() as usize % 40, 1 + g.next() as usize % 700);
             let n = rows * len;
-            let granularity = if g.next() % 2 == 0 { Granularity::Tensor } else { Granularity::Row(len) };
+            let granularity = if g.next().is_multiple_of(2) { Granularity::Tensor } else { Granularity::Row(len) };
             let frac = |g: &mut crate::test_rng::XorShift| (g.next() % 1001) as f64 / 1000.0;
             let models: Vec<Model> = (0..1 + case % 4)
                 .map(|m| {
@@ -690,10 +690,10 @@ mod tests {
                 })
                 .collect();
             let p = Params {
-                consensus: g.next() % 2 == 0, normalize: g.next() % 2 == 0, rescale: g.next() % 2 == 0,
+                consensus: g.next().is_multiple_of(2), normalize: g.next().is_multiple_of(2), rescale: g.next().is_multiple_of(2),
                 lambda: 0.5 + (g.next() % 100) as f32 / 100.0, granularity, check_finite: true,
             };
-            let ties = g.next() % 2 == 0;
+            let ties = g.next().is_multiple_of(2);
             let what = format!("case {case}: n={n} {granularity:?} {models:?} {p:?}");
             let nm = models.len();
             if case % 2 == 0 {
