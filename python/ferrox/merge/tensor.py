@@ -39,8 +39,8 @@ def merge_tensors(
     (the Breadcrumbs paper); ``"tensor"`` over the whole tensor (mergekit).
     ``chunk_len`` (elements, 0 = default) only changes how the work is
     streamed, never the result. CUDA tensors merge in ferrox's kernels on
-    torch's current stream, bitwise the CPU result (``granularity="tensor"``
-    only).
+    torch's current stream, bitwise the CPU result (per tensor or per row),
+    with their scratch taken from torch's allocator.
     """
     m: MergeMethod = method if isinstance(method, MergeMethod) else get_method(method)
     models = list(models)
