@@ -22,7 +22,9 @@
 // (row group, batch tile), the row group varying fastest.
 //
 // alpha_mode: 0 = the scalar `alpha0` for every row; 1 = alpha[tenant];
-// 2 = alpha[tenant * out + o].
+// 2 = alpha[tenant * out + o]. An adapter id outside [0, tenants) reads
+// nothing and gives NaN rows (the host checks ids; this only keeps a bad id
+// from reading out of bounds).
 
 #define DELTA_WARPS 8
 #define DELTA_TB 8
@@ -41,8 +43,8 @@ __device__ __forceinline__ u32 delta_word(const u8* row, u64 row_bytes, u64 w) {
 
 template <typename T>
 __device__ __forceinline__ void delta_matmul_body(const T* x, u64 batch, u64 in, const u8* signs, u64 row_bytes, u64 out,
-                                                  const float* alpha, float alpha0, u32 alpha_mode, const i64* ids, T* y,
-                                                  u32 accumulate) {
+                                                  u64 tenants, const float* alpha, float alpha0, u32 alpha_mode,
+                                                  const i64* ids, T* y, u32 accumulate) {
     __shared__ float part[DELTA_WARPS][DELTA_TB][32];
     const u64 row_groups = (out + DELTA_WARPS - 1) / DELTA_WARPS;
     const u64 tiles = (batch + DELTA_TB - 1) / DELTA_TB;
@@ -72,6 +74,7 @@ __device__ __forceinline__ void delta_matmul_body(const T* x, u64 batch, u64 in,
                     for (int b = 0; b < DELTA_TB; ++b) {
                         if ((u64)b < nb) {
                             const u64 t = (u64)ids[b0 + b];
+                            if (t >= tenants) continue;
                             const u32 neg = delta_word(signs + (t * out + o) * row_bytes, row_bytes, w) >> lane & 1u;
                             const float v = j < in ? Elem<T>::load(x[(b0 + b) * in + j]) : 0.0f;
                             acc[b] += neg ? -v : v;
@@ -92,7 +95,10 @@ __device__ __forceinline__ void delta_matmul_body(const T* x, u64 batch, u64 in,
                 for (int off = 16; off > 0; off /= 2)
                     for (int i = 0; i < off; ++i) a[i] = a[i] + a[i + off];
                 const u64 t = ids == nullptr ? 0 : (u64)ids[b0 + b];
-                const float s = alpha_mode == 0 ? alpha0 : alpha_mode == 1 ? alpha[t] : alpha[t * out + oo];
+                const float s = t >= tenants       ? __uint_as_float(0x7fc00000u)
+                                : alpha_mode == 0 ? alpha0
+                                : alpha_mode == 1 ? alpha[t]
+                                                  : alpha[t * out + oo];
                 const float d = s * a[0];
                 T* dst = y + (b0 + b) * out + oo;
                 *dst = Elem<T>::store(accumulate ? Elem<T>::load(*dst) + d : d);
@@ -104,9 +110,10 @@ __device__ __forceinline__ void delta_matmul_body(const T* x, u64 batch, u64 in,
 
 #define DELTA_KERNEL(SUFFIX, T)                                                                                       \
     extern "C" __global__ void delta_matmul_##SUFFIX(const T* x, u64 batch, u64 in, const u8* signs, u64 row_bytes, \
-                                                     u64 out, const float* alpha, float alpha0, u32 alpha_mode,      \
-                                                     const i64* ids, T* y, u32 accumulate) {                        \
-        delta_matmul_body<T>(x, batch, in, signs, row_bytes, out, alpha, alpha0, alpha_mode, ids, y, accumulate);    \
+                                                     u64 out, u64 tenants, const float* alpha, float alpha0,         \
+                                                     u32 alpha_mode, const i64* ids, T* y, u32 accumulate) {         \
+        delta_matmul_body<T>(x, batch, in, signs, row_bytes, out, tenants, alpha, alpha0, alpha_mode, ids, y,        \
+                             accumulate);                                                                            \
     }
 
 DELTA_KERNEL(f32, float)

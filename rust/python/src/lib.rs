@@ -7,6 +7,7 @@ use pyo3::prelude::*;
 
 mod checkpoint;
 mod cuda;
+mod delta;
 mod error;
 mod merge;
 mod ops;
@@ -44,6 +45,12 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(checkpoint::read_tensor_into, m)?)?;
     m.add_function(wrap_pyfunction!(cuda::cuda_driver_info, m)?)?;
     m.add_function(wrap_pyfunction!(cuda::nvrtc_check, m)?)?;
+    m.add_function(wrap_pyfunction!(delta::delta_compress_files, m)?)?;
+    m.add_function(wrap_pyfunction!(delta::delta_compress, m)?)?;
+    m.add_function(wrap_pyfunction!(delta::delta_restore, m)?)?;
+    m.add_function(wrap_pyfunction!(delta::delta_matmul, m)?)?;
+    m.add_function(wrap_pyfunction!(delta::delta_matmul_multi, m)?)?;
+    m.add_function(wrap_pyfunction!(delta::delta_hash_name, m)?)?;
     Ok(())
 }
 

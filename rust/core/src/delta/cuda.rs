@@ -88,8 +88,9 @@ fn kernel(dtype: DType) -> Result<&'static str> {
 
 /// y = α ⊙ (x·Sᵀ) (or y += it) on the device, queued on `m.stream`
 /// (asynchronous, like a torch op). Bit for bit [`super::matmul`] /
-/// [`super::matmul_multi`]. Adapter ids are not range-checked on the device
-/// (that would need a host wait): the caller checks them.
+/// [`super::matmul_multi`]. Adapter ids are not checked here (that would
+/// need a host wait): the caller checks them; an id out of range gives NaN
+/// rows on the device, never an out-of-bounds read.
 ///
 /// # Safety
 /// Every pointer addresses its tensor (shapes from `m.dims`) on device
@@ -135,9 +136,9 @@ pub(crate) unsafe fn matmul_on<L: Launch>(dev: &L, m: &DeviceMatmul) -> Result<(
     let grid = blocks.clamp(1, (dev.multiprocessors()? * BLOCKS_PER_SM) as u64) as u32;
     let (mut x, mut batch, mut inf, mut signs, mut rb, mut out) =
         (m.x, d.batch as u64, d.in_features as u64, m.signs, d.row_bytes() as u64, d.out_features as u64);
-    let (mut ids, mut y, mut acc) = (m.ids, m.y, m.accumulate as u32);
+    let (mut tenants, mut ids, mut y, mut acc) = (d.tenants as u64, m.ids, m.y, m.accumulate as u32);
     let mut params = [
-        arg(&mut x), arg(&mut batch), arg(&mut inf), arg(&mut signs), arg(&mut rb), arg(&mut out),
+        arg(&mut x), arg(&mut batch), arg(&mut inf), arg(&mut signs), arg(&mut rb), arg(&mut out), arg(&mut tenants),
         arg(&mut alpha_ptr), arg(&mut alpha0), arg(&mut mode), arg(&mut ids), arg(&mut y), arg(&mut acc),
     ];
     dev.launch(name, grid, THREADS, &mut params)
@@ -172,8 +173,8 @@ mod sim {
     if (!std::strcmp(name, "delta_matmul_" #SUFFIX))                                                           \
         return launch(grid, block, [&] {                                                                       \
             delta_matmul_##SUFFIX(DP(0, const T*), DP(1, u64), DP(2, u64), DP(3, const u8*), DP(4, u64),         \
-                                  DP(5, u64), DP(6, const float*), DP(7, float), DP(8, u32), DP(9, const i64*),  \
-                                  DP(10, T*), DP(11, u32));                                                    \
+                                  DP(5, u64), DP(6, u64), DP(7, const float*), DP(8, float), DP(9, u32),        \
+                                  DP(10, const i64*), DP(11, T*), DP(12, u32));                                \
         }) ? 0 : 2;
 extern "C" int delta_sim_launch(const char* name, unsigned grid, unsigned block, void** params) {
     DELTA_SIM(f32, float)
@@ -311,6 +312,27 @@ extern "C" int delta_sim_launch(const char* name, unsigned grid, unsigned block,
                 }
             }
         }
+    }
+
+    #[test]
+    fn simulated_bad_adapter_ids_give_nan_rows_only() {
+        let Some(launch) = sim_launch() else { return };
+        let sim = Sim { launch, multiprocessors: 2 };
+        let d = Dims { batch: 3, in_features: 40, out_features: 9, tenants: 2 };
+        let x: Vec<f32> = (0..120).map(|i| (i as f32 * 0.37).sin()).collect();
+        let signs: Vec<u8> = (0..2 * 9 * 5).map(|i| (i * 37 % 251) as u8).collect();
+        let alphas = [0.5f32, 2.0];
+        let mut want = vec![0f32; 27];
+        matmul_multi(&x, d, &signs, Alphas { values: &alphas, per_row: false }, &[1, 0, 1], &mut want, false).unwrap();
+        let ids = [1i64, 7, -1];
+        let mut got = vec![0f32; 27];
+        let m = DeviceMatmul {
+            ordinal: 0, stream: 0, dtype: DType::F32, dims: d, x: x.as_ptr() as u64, signs: signs.as_ptr() as u64,
+            alpha: DeviceAlpha::PerTenant(alphas.as_ptr() as u64), ids: ids.as_ptr() as u64, y: got.as_mut_ptr() as u64, accumulate: false,
+        };
+        unsafe { matmul_on(&sim, &m) }.unwrap();
+        assert!(got[..9].iter().zip(&want[..9]).all(|(g, w)| g.to_bits() == w.to_bits()));
+        assert!(got[9..].iter().all(|v| v.is_nan()));
     }
 
     #[test]
