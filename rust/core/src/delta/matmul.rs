@@ -97,6 +97,21 @@ pub fn check(d: &Dims, x: usize, signs: usize, alphas: &Alphas<'_>, ids: Option<
     Ok(())
 }
 
+/// Sign masks of the 8 lanes of a byte: bit l set → 0x8000_0000 in lane l.
+static BYTE_MASKS: [[u32; 8]; 256] = {
+    let mut t = [[0u32; 8]; 256];
+    let mut b = 0;
+    while b < 256 {
+        let mut l = 0;
+        while l < 8 {
+            t[b][l] = ((b as u32) >> l & 1) << 31;
+            l += 1;
+        }
+        b += 1;
+    }
+    t
+};
+
 /// The word `w` of a packed row (bytes past the row read as zero).
 #[inline(always)]
 fn word_at(row: &[u8], w: usize) -> u32 {
@@ -128,14 +143,19 @@ fn dot_tile<const NB: usize>(xp: &[f32], stride: usize, row: &[u8], words: usize
     let mut acc = [[0f32; WORD]; NB];
     let full = (row.len() / 4).min(words);
     let step = |w: usize, word: u32, acc: &mut [[f32; WORD]; NB]| {
-        let mut mask = [0u32; WORD];
-        for (l, m) in mask.iter_mut().enumerate() {
-            *m = (word >> l & 1) << 31;
-        }
+        // The 32 lane masks: one table row (8 lanes) per byte of the word.
+        let mask = [
+            &BYTE_MASKS[(word & 0xff) as usize],
+            &BYTE_MASKS[(word >> 8 & 0xff) as usize],
+            &BYTE_MASKS[(word >> 16 & 0xff) as usize],
+            &BYTE_MASKS[(word >> 24) as usize],
+        ];
         for (b, a) in acc.iter_mut().enumerate() {
             let xs = &xp[b * stride + w * WORD..b * stride + (w + 1) * WORD];
-            for l in 0..WORD {
-                a[l] += f32::from_bits(xs[l].to_bits() ^ mask[l]);
+            for k in 0..4 {
+                for l in 0..8 {
+                    a[8 * k + l] += f32::from_bits(xs[8 * k + l].to_bits() ^ mask[k][l]);
+                }
             }
         }
     };
