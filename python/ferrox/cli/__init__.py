@@ -5,6 +5,8 @@
     ferrox doctor                    threads, CUDA driver, NVRTC, build
     ferrox inspect [PATH]            tensors of a checkpoint, and a ferrox output's report
     ferrox merge CONFIG OUT          a mergekit-style merge, streamed from disk
+    ferrox compress bitdelta ...     a fine-tune as 1-bit deltas of its base
+    ferrox restore D --out M         the dense model back from a compressed folder
 
 Shared pieces (output options, error mapping, escaping) live in
 ``_common``. Nothing here imports torch: ``--version``, ``--help`` and
@@ -16,15 +18,16 @@ import argparse
 import sys
 
 from .. import __version__
-from . import _common, doctor, inspect, merge
+from . import _common, compress, doctor, inspect, merge, restore
 
-COMMANDS = (doctor, inspect, merge)
+COMMANDS = (doctor, inspect, merge, compress, restore)
 
 
 def build_parser(commands=COMMANDS) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ferrox",
-        description="Merge model checkpoints (safetensors files or Hugging Face folders) and inspect them.",
+        description="Merge and compress model checkpoints (safetensors files or Hugging Face folders), and "
+                    "inspect them.",
         epilog="Exit codes: 0 done, 1 failed (one line on stderr says why; FERROX_DEBUG=1 shows the traceback), "
                "2 bad usage, 130 interrupted.",
     )

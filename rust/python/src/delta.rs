@@ -424,3 +424,22 @@ pub fn delta_matmul_multi(
 pub fn delta_hash_name() -> &'static str {
     delta::HASH_NAME
 }
+
+/// The content hash `delta_compress*` return for their base, of a CPU
+/// float32/16/bfloat16 tensor (16 hex digits): how a restore checks that it
+/// was given the base a delta was made against.
+#[pyfunction]
+pub fn delta_content_hash(py: Python<'_>, x: &Bound<'_, PyAny>) -> PyResult<String> {
+    let x = Tensor::input("x", x)?;
+    (|| {
+        x.expect_cpu()?;
+        x.expect_dtype(&[DType::F32, DType::F16, DType::BF16])
+    })()
+    .map_err(to_py)?;
+    let h = with_float!(x.dtype, "x", T => {
+        // SAFETY: a CPU tensor of dtype T, checked above.
+        let xs = unsafe { x.slice::<T>() };
+        compute(py, move || Ok::<_, Error>(delta::content_hash(xs)))
+    })?;
+    Ok(hex(h))
+}

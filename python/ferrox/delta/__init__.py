@@ -1,0 +1,36 @@
+"""BitDelta: a fine-tune stored as the signs of its weight delta plus one
+scale per matrix (or per row), served off one base model.
+
+``compress`` streams a base/fine-tune pair through the Rust core into a
+BitDelta folder; ``restore`` gives the fine-tune back; ``BitDeltaLinear`` /
+``apply_bitdelta`` run the compressed model with the 1-bit kernel (no dense
+fine-tune weight in memory); ``MultiDeltaLinear`` serves several fine-tunes
+in one batch; ``distill`` trains the scales against the fine-tune's outputs.
+Names are imported on first use (compressing from files needs no torch
+modules beyond what the checkpoint reader uses).
+"""
+
+import importlib
+
+_WHERE = {
+    "compress": "compress", "restore": "compress", "CompressReport": "compress",
+    "BitDelta": "format", "FORMAT": "format",
+    "DEFAULT_EXCLUDE": "select", "Selection": "select",
+    "BitDeltaLinear": "modules", "MultiDeltaLinear": "modules", "apply_bitdelta": "modules",
+    "distill": "distill", "DistillResult": "distill", "model_output": "distill", "output_mse": "distill",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name):
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'ferrox.delta' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_WHERE))
