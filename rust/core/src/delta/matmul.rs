@@ -136,34 +136,39 @@ pub(crate) fn reduce32(mut a: [f32; WORD]) -> f32 {
     a[0]
 }
 
+/// Adds ±x of word `w` (32 inputs) to the lanes of NB batch rows. A plain
+/// inline function, not a closure: closures are not inlined into the AVX2
+/// build, and a baseline-x86 call per word would cost more than the work.
+#[inline(always)]
+fn step<const NB: usize>(xp: &[f32], stride: usize, w: usize, word: u32, acc: &mut [[f32; WORD]; NB]) {
+    // The 32 lane masks: one table row (8 lanes) per byte of the word.
+    let mask = [
+        &BYTE_MASKS[(word & 0xff) as usize],
+        &BYTE_MASKS[(word >> 8 & 0xff) as usize],
+        &BYTE_MASKS[(word >> 16 & 0xff) as usize],
+        &BYTE_MASKS[(word >> 24) as usize],
+    ];
+    for (b, a) in acc.iter_mut().enumerate() {
+        let xs: &[f32; WORD] = xp[b * stride + w * WORD..b * stride + (w + 1) * WORD].try_into().expect("a whole word of x");
+        for k in 0..4 {
+            for l in 0..8 {
+                a[8 * k + l] += f32::from_bits(xs[8 * k + l].to_bits() ^ mask[k][l]);
+            }
+        }
+    }
+}
+
 /// Σ_j ±x[b, j] for NB padded batch rows (stride `stride` f32) against one
 /// packed row.
 #[inline(always)]
 fn dot_tile<const NB: usize>(xp: &[f32], stride: usize, row: &[u8], words: usize, sums: &mut [f32]) {
     let mut acc = [[0f32; WORD]; NB];
     let full = (row.len() / 4).min(words);
-    let step = |w: usize, word: u32, acc: &mut [[f32; WORD]; NB]| {
-        // The 32 lane masks: one table row (8 lanes) per byte of the word.
-        let mask = [
-            &BYTE_MASKS[(word & 0xff) as usize],
-            &BYTE_MASKS[(word >> 8 & 0xff) as usize],
-            &BYTE_MASKS[(word >> 16 & 0xff) as usize],
-            &BYTE_MASKS[(word >> 24) as usize],
-        ];
-        for (b, a) in acc.iter_mut().enumerate() {
-            let xs = &xp[b * stride + w * WORD..b * stride + (w + 1) * WORD];
-            for k in 0..4 {
-                for l in 0..8 {
-                    a[8 * k + l] += f32::from_bits(xs[8 * k + l].to_bits() ^ mask[k][l]);
-                }
-            }
-        }
-    };
     for (w, q) in row[..full * 4].chunks_exact(4).enumerate() {
-        step(w, u32::from_le_bytes([q[0], q[1], q[2], q[3]]), &mut acc);
+        step::<NB>(xp, stride, w, u32::from_le_bytes([q[0], q[1], q[2], q[3]]), &mut acc);
     }
     for w in full..words {
-        step(w, word_at(row, w), &mut acc);
+        step::<NB>(xp, stride, w, word_at(row, w), &mut acc);
     }
     for (s, a) in sums.iter_mut().zip(acc) {
         *s = reduce32(a);
