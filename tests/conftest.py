@@ -76,26 +76,40 @@ def pytest_report_header(config):
     return f"hypothesis profile: {PROFILE}; torch/ferrox threads per worker: {_SHARE if _WORKERS > 1 else 'default'}"
 
 
-# Module fixtures that cost seconds to minutes (training runs, GBs of files):
-# their tests share one xdist worker (`--dist loadgroup`), so the fixture is
-# built once; every other test is spread over the workers one by one.
-SHARED_FIXTURES = {
-    ("test_merge_functional.py", "results"),  # 5 seeds of fine-tuning and merging
-    ("test_permute.py", "trained"),  # 6 MLPs trained on digits
-    ("test_merge_memory.py", "big_models"),  # 4 x 512 MiB of checkpoints
+# Test files whose module fixtures cost seconds to minutes: with `--dist
+# loadgroup` each runs whole on one xdist worker, so its fixture is built
+# once; every other test is handed out one by one.
+PINNED_FILES = {
+    "test_merge_functional.py",  # results: 5 seeds of fine-tuning and merging
+    "test_permute.py",  # trained: 6 MLPs trained on digits
+    "test_merge_memory.py",  # big_models: 4 x 512 MiB of checkpoints
 }
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's loadgroup reads the groups
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist, on the controller
+def pytest_xdist_make_scheduler(config, log):
+    """loadgroup, with PINNED_FILES as groups. xdist names a group by a
+    suffix it writes into item._nodeid, which pytest >= 9 no longer reads
+    back, so @pytest.mark.xdist_group alone spreads a group over workers."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadGroupScheduling
+
+    class PinnedFiles(LoadGroupScheduling):
+        def _split_scope(self, nodeid):
+            if "@" in nodeid:  # an xdist_group that did get its suffix
+                return nodeid.rsplit("@", 1)[-1]
+            path = nodeid.split("::", 1)[0]
+            return path if os.path.basename(path) in PINNED_FILES else nodeid
+
+    return PinnedFiles(config, log)
+
+
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
         if "gpu" in item.keywords and not HAS_CUDA:
             item.add_marker(skip_gpu)
-        module = os.path.basename(str(item.fspath))
-        for name in getattr(item, "fixturenames", ()):
-            if (module, name) in SHARED_FIXTURES:
-                item.add_marker(pytest.mark.xdist_group(f"{module}::{name}"))
 
 
 _bad_skips = []
