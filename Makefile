@@ -43,7 +43,7 @@ test-rust: $(DEPS)
 	FERROX_REQUIRE_SIM=1 LD_LIBRARY_PATH=$(NVRTC_DIR):$$LD_LIBRARY_PATH cargo test --release -p ferrox-core
 
 # Two worker processes (one per core of a 2-core CI box); tests that share an
-# expensive module fixture stay on one worker (xdist_group, set in conftest.py).
+# expensive module fixture stay on one worker (PINNED_FILES in tests/conftest.py).
 # HYPOTHESIS_PROFILE=ci|dev|long sets the property-test budgets.
 test-python: build
 	$(PY) -m pytest -q -n 2 --dist loadgroup tests
