@@ -299,7 +299,7 @@ _yaml_doc = st.recursive(_yaml_leaf, lambda kids: st.one_of(
     max_leaves=20)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=settings.default.max_examples * 3 // 5, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(doc=_yaml_doc, model_keys=st.booleans())
 def test_random_yaml_configs_exit_1_without_traceback(doc, model_keys, tmp_path_factory, models):
     root, base, fts = models
@@ -318,7 +318,7 @@ _tokens = st.sampled_from(["merge", "inspect", "doctor", "--force", "--out", "--
                            "m.yml", "out", "missing", "--help", "\x1b[2J", "", "--allow-nonfinite"])
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=settings.default.max_examples * 3 // 5, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(argv=st.lists(_tokens | st.text(max_size=8), max_size=6))
 def test_random_argument_strings_exit_0_1_or_2(argv, tmp_path_factory, monkeypatch):
     if "doctor" in argv or "--help" in argv:

@@ -348,7 +348,7 @@ def near_valid_files(draw):
     return [tuple(e) for e in entries], end + draw(st.sampled_from([0, 0, 0, -1, 1, 3]))
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=settings.default.max_examples * 3 // 2, deadline=None)
 @given(case=near_valid_files())
 def test_random_headers_against_safetensors(tmp_path_factory, case):
     entries, data_len = case
