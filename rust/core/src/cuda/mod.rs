@@ -62,6 +62,8 @@ const SOURCES: &[Source] = &[
             "merge_select_cuts", "merge_tile_scan", "merge_dare_mask", "merge_scales_tensor", "merge_scales_rows",
         ],
     },
+    // BitDelta's 1-bit matmul, launched by crate::delta::cuda.
+    Source { name: "delta.cu", prelude: "", text: include_str!("../../../../cuda/delta.cu"), kernels: crate::delta::cuda::KERNELS },
 ];
 
 /// Every kernel the sources define.

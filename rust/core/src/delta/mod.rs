@@ -39,7 +39,8 @@ use rayon::prelude::*;
 use xxhash_rust::xxh3::Xxh3;
 
 use crate::error::{check_len, Error, Result};
-use crate::merge::{FileInputs, FileTensor, Inputs, SliceInputs};
+// NaN/Inf inputs are named as the merge names them.
+use crate::merge::{nonfinite_error, FileInputs, FileTensor, Inputs, SliceInputs};
 use crate::pack::packed_row_bytes;
 use crate::simd::multiversion;
 use crate::{DType, Float};
@@ -126,12 +127,6 @@ impl SignOutput for FileSigns {
         let at = self.offset + range.start as u64;
         self.file.write_all_at(&self.buf[..range.len()], at).map_err(|e| Error::io(&self.path, e))
     }
-}
-
-/// The error for a NaN/Inf input. Same text as the merge's (merge/mod.rs
-/// `nonfinite_error`), kept local until that helper is shared.
-fn nonfinite_error(input: &str, value: f32, index: usize) -> Error {
-    Error::Value(format!("{input}: non-finite value {value} at flat index {index}"))
 }
 
 /// The fixed combination of a block's lanes.
