@@ -114,7 +114,7 @@ pub fn delta_compress(
         if let Some(r) = &rows_out {
             r.expect_cpu()?;
             r.expect_dtype(&[DType::F32])?;
-            let rows = if row_len == 0 { 0 } else { base.numel() / row_len };
+            let rows = base.numel().checked_div(row_len).unwrap_or(0);
             expect_shape(r, &[rows])?;
             r.check_alias(&base, false)?;
             r.check_alias(&ft, false)?;
@@ -177,7 +177,7 @@ pub fn delta_restore(py: Python<'_>, base: &Bound<'_, PyAny>, signs: &Bound<'_, 
             PyAlpha::Tensor(t) => {
                 t.expect_cpu()?;
                 t.expect_dtype(&[DType::F32])?;
-                let rows = if row_len == 0 { 0 } else { base.numel() / row_len };
+                let rows = base.numel().checked_div(row_len).unwrap_or(0);
                 expect_shape(t, &[rows])?;
                 // SAFETY: a float32 CPU tensor, checked just above.
                 Ok(Some(unsafe { t.slice::<f32>() }.iter().map(|&v| v as f64).collect()))
