@@ -10,8 +10,9 @@ PY     := $(VENV)/bin/python
 DEPS   := $(VENV)/.deps-installed
 EXT    := $(VENV)/.ext-built
 SOURCES := $(shell find rust cuda -type f \( -name '*.rs' -o -name '*.cu' -o -name 'Cargo.toml' \) 2>/dev/null) Cargo.toml Cargo.lock pyproject.toml
-# NVRTC from pip's CUDA wheels, so the kernel-compile tests run without a toolkit.
-NVRTC_DIR = $(firstword $(wildcard $(VENV)/lib/python3*/site-packages/nvidia/cu*/lib) $(wildcard $(VENV)/lib/python3*/site-packages/nvidia/cuda_nvrtc/lib))
+# NVRTC from pip's CUDA wheels, so the kernel-compile tests run without a toolkit
+# (absolute: cargo runs the test binaries from the crate folder).
+NVRTC_DIR = $(abspath $(firstword $(wildcard $(VENV)/lib/python3*/site-packages/nvidia/cu*/lib) $(wildcard $(VENV)/lib/python3*/site-packages/nvidia/cuda_nvrtc/lib)))
 
 .PHONY: all build demo test test-rust test-python test-gpu bench wheel clean
 

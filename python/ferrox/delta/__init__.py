@@ -13,11 +13,11 @@ modules beyond what the checkpoint reader uses).
 import importlib
 
 _WHERE = {
-    "compress": "compress", "restore": "compress", "CompressReport": "compress",
+    "compress": "codec", "restore": "codec", "CompressReport": "codec",
     "BitDelta": "format", "FORMAT": "format",
     "DEFAULT_EXCLUDE": "select", "Selection": "select",
     "BitDeltaLinear": "modules", "MultiDeltaLinear": "modules", "apply_bitdelta": "modules",
-    "distill": "distill", "DistillResult": "distill", "model_output": "distill", "output_mse": "distill",
+    "distill": "scales", "DistillResult": "scales", "model_output": "scales", "output_mse": "scales",
 }
 
 __all__ = sorted(_WHERE)
