@@ -103,13 +103,18 @@ impl OpenTensor {
                 spec.dtype
             )));
         }
-        let file = std::fs::OpenOptions::new()
-            .read(!write)
-            .write(write)
-            .open(&spec.path)
-            .map_err(|e| Error::io(&spec.path, e))?;
+        // Inputs open as the checkpoint reader opens them (regular files
+        // only, never blocking on a FIFO); outputs are files ferrox made.
+        let file = if write {
+            std::fs::OpenOptions::new().write(true).open(&spec.path).map_err(|e| Error::io(&spec.path, e))?
+        } else {
+            crate::checkpoint::open_regular(&spec.path)?
+        };
         let size = file.metadata().map_err(|e| Error::io(&spec.path, e))?.len();
-        let end = spec.offset + (len * spec.dtype.size()) as u64;
+        let end = len
+            .checked_mul(spec.dtype.size())
+            .and_then(|n| spec.offset.checked_add(n as u64))
+            .ok_or_else(|| Error::Value(format!("{}: a tensor of {len} elements at byte {} is out of range", spec.path.display(), spec.offset)))?;
         if end > size {
             return Err(Error::Format(format!(
                 "{}: tensor data ends at byte {end} but the file has {size} bytes (truncated?)",
@@ -127,7 +132,9 @@ impl OpenTensor {
     /// Reads `range` into `out`, converting from the file's dtype.
     fn read<T: Float>(&self, range: &Range<usize>, out: &mut [T], raw: &mut Vec<u8>) -> Result<()> {
         let (at, nbytes) = self.byte_range(range);
-        let read = |buf: &mut [u8]| self.file.read_exact_at(buf, at).map_err(|e| Error::io(&self.spec.path, e));
+        // The checkpoint reader's positioned read: retries short reads, and a
+        // file that shrank since its header was read is a truncation error.
+        let read = |buf: &mut [u8]| crate::checkpoint::read_full_at(&self.file, &self.spec.path, at, buf);
         if self.spec.dtype == T::DTYPE {
             return read(as_bytes_mut(out));
         }
