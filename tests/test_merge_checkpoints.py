@@ -12,6 +12,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+import mergekit_parity  # the parity rule, shared with benches/bench_merge.py
 from ferrox import synthetic
 from ferrox.checkpoint import read_checkpoint
 from ferrox.merge import MergeError, merge_checkpoints, merge_tensors, parse_config
@@ -96,12 +97,6 @@ def test_cli_merge_equals_tensor_api(llama, tmp_path, method):
     assert not [p for p in os.listdir(tmp_path) if "ferrox-tmp" in p]
 
 
-def _ulp(x, dtype):
-    bits = 7 if dtype == torch.bfloat16 else 23
-    x = x.abs().clamp(min=2.0**-126)
-    return torch.pow(2.0, torch.floor(torch.log2(x)) - bits)
-
-
 @pytest.mark.parametrize("method", ["linear", "task_arithmetic"])
 def test_parity_with_mergekit(llama, tmp_path, method):
     """Bound: per element, |ferrox - mergekit| <= 4 ulp of the largest
@@ -116,10 +111,7 @@ def test_parity_with_mergekit(llama, tmp_path, method):
     ms = [load_folder(f) for f in fts]
     assert set(fx) == set(mkout)
     for name in fx:
-        x, y = fx[name].float(), mkout[name].float()
-        scale = torch.stack([x.abs(), y.abs(), b[name].float().abs()] + [m[name].float().abs() for m in ms]).amax(0)
-        err = (x - y).abs() / _ulp(scale, fx[name].dtype)
-        assert float(err.max()) <= 4.0, f"{name}: {float(err.max())} ulp"
+        mergekit_parity.check_dense(name, fx[name], mkout[name], b[name], [m[name] for m in ms])
 
 
 def test_sharded_output_reads_back_identically(llama, tmp_path):
@@ -279,11 +271,6 @@ def test_parity_with_mergekit_sparsified(llama, tmp_path, method):
     the same rounding of k. Where every mask agrees and the sign election is
     not decided by rounding (|Σ w·Δ| above the input dtype's resolution),
     values agree within 4 ulps of the largest magnitude at the element."""
-    from mergekit.sparsify import magnitude, magnitude_outliers
-
-    from ferrox.merge.methods import METHODS
-    from ferrox.select import band_mask
-
     root, base, fts = llama
     cfg = write_config(tmp_path / "m.yml", method, base, fts)
     run_ferrox("merge", cfg, tmp_path / "fx", "--no-progress")
@@ -293,44 +280,11 @@ def test_parity_with_mergekit_sparsified(llama, tmp_path, method):
     ms = [load_folder(f) for f in fts]
     checked = 0
     for name in fx:
-        deltas = [m[name] - b[name] for m in ms]  # in the input dtype, as both tools do
-        agree = torch.ones(b[name].shape, dtype=torch.bool)
-        wsum = torch.zeros(b[name].shape)
-        wabs = torch.zeros(b[name].shape)
-        for d, p in zip(deltas, params):
-            n = d.numel()
-            if METHODS[method].sparsify == "magnitude":
-                mk_kept = magnitude(d, p["density"]) != 0
-                lo, hi = 0, max(1, int(p["density"] * n))
-            else:
-                mk_kept = magnitude_outliers(d, p["density"], gamma=p["gamma"]) != 0
-                target, top = int(p["density"] * n), int(p["gamma"] * n)
-                bottom = max(0, n - target - top)
-                lo, hi = n - bottom - target, n - bottom
-            fx_kept = band_mask(d, lo, hi, granularity="tensor") & (d != 0)
-            assert int(fx_kept.sum()) <= hi - lo
-            differ = fx_kept != mk_kept
-            mag = d.abs().float()
-            cuts = {float(mag.flatten().kthvalue(n - r + 1).values) for r in (lo, hi) if 0 < r <= n}
-            on_cut = torch.zeros_like(differ)
-            for c in cuts:
-                on_cut |= mag == c
-            assert not (differ & ~on_cut).any(), f"{name}: masks differ off the cut"
-            agree &= ~differ
-            contrib = p["weight"] * d.float() * fx_kept
-            wsum += contrib
-            wabs += contrib.abs()
-        eps = 2.0 ** (-7 if b[name].dtype == torch.bfloat16 else -23)
-        decided = wsum.abs() > 4 * eps * wabs
-        keep = agree & (decided | ~torch.tensor(METHODS[method].consensus))
-        x, y = fx[name].float(), mkout[name].float()
-        scale = torch.stack([x.abs(), y.abs(), b[name].float().abs()] + [m[name].float().abs() for m in ms]).amax(0)
-        err = ((x - y).abs() / _ulp(scale, fx[name].dtype))[keep]
-        assert err.numel() == 0 or float(err.max()) <= 4.0, f"{name}: {float(err.max())} ulp"
-        checked += int(keep.sum())
+        checked += mergekit_parity.check_sparsified(name, method, params, fx[name], mkout[name], b[name],
+                                                    [m[name] for m in ms])
     # bf16 deltas tie at a cut for several % of elements per model (3 models
     # here), and those are excluded above; most elements are still compared.
-    assert checked > 0.75 * sum(t.numel() for t in fx.values())
+    assert checked > mergekit_parity.COVERAGE * sum(t.numel() for t in fx.values())
 
 
 def test_output_is_fsynced_before_the_rename_unless_asked_not_to(llama, tmp_path, monkeypatch):

@@ -10,7 +10,7 @@ Names are imported on first use (compressing from files needs no torch
 modules beyond what the checkpoint reader uses).
 """
 
-import importlib
+from .._lazy import exports
 
 _WHERE = {
     "compress": "codec", "restore": "codec", "CompressReport": "codec",
@@ -23,14 +23,4 @@ _WHERE = {
 __all__ = sorted(_WHERE)
 
 
-def __getattr__(name):
-    module = _WHERE.get(name)
-    if module is None:
-        raise AttributeError(f"module 'ferrox.delta' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_WHERE))
+__getattr__, __dir__ = exports(__name__, _WHERE)

@@ -8,6 +8,7 @@ f64 and rounded once; the rest bit for bit."""
 
 import json
 import os
+import shutil
 import tempfile
 import time
 import weakref
@@ -83,6 +84,7 @@ def compress(base, finetuned, select=None, out=None, *, per_row: bool = False, f
     whose shape differs from the base's (added tokens) is stored whole, as
     are all others. ``per_row``: one α per output row instead of per matrix.
     """
+    import numpy as np
     from tqdm import tqdm
 
     start = time.perf_counter()
@@ -123,8 +125,6 @@ def compress(base, finetuned, select=None, out=None, *, per_row: bool = False, f
                         (path, offset), per_row, chunk_len)
                 except ValueError as e:
                     raise ValueError(f"tensor {t.name!r}: {e}") from None
-                import numpy as np
-
                 writer.write(alpha.name, np.asarray(row_alphas if per_row else a, dtype=np.float32))
                 base_meta[t.name][2] = h
                 alphas[t.name] = a
@@ -142,15 +142,11 @@ def compress(base, finetuned, select=None, out=None, *, per_row: bool = False, f
             f"`ferrox restore {os.path.basename(out)} --base BASE --out OUT`."])
         out_abs = dest.out
     for tmp in keep:
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
     delta = fmt.BitDelta.load(out_abs)
     delta.compress_report = CompressReport(out_abs, len(entries), len(jobs) - len(entries), total,
                                            time.perf_counter() - start, summary)
     if temp_out:
-        import shutil
-
         weakref.finalize(delta, shutil.rmtree, os.path.dirname(out_abs), True)
     return delta
 
@@ -168,43 +164,47 @@ def restore(base, delta, out=None, *, force: bool = False, fsync: bool = True,
     d = delta if isinstance(delta, fmt.BitDelta) else fmt.BitDelta.load(delta)
     keep: list = []
     base_path = _as_checkpoint(base, "base", keep)
-    bi = ckpt.read_checkpoint(base_path)
-    by_name = {t.name: t for t in bi.tensors}
-    d.check_base_names(list(by_name))
-    for name in d.base:
-        t = by_name[name]
-        d.check_base_tensor(name, t.dtype, t.shape)
-    reader = ckpt.TensorReader()
+    try:
+        bi = ckpt.read_checkpoint(base_path)
+        by_name = {t.name: t for t in bi.tensors}
+        d.check_base_names(list(by_name))
+        for name in d.base:
+            t = by_name[name]
+            d.check_base_tensor(name, t.dtype, t.shape)
+        reader = ckpt.TensorReader()
 
-    def restored(name: str):
-        e = d.entries[name]
-        b = by_name[name]
-        w = reader.read(b)
-        d.check_base_tensor(name, b.dtype, b.shape, _core.delta_content_hash(w))
-        result = torch.empty(e.shape, dtype=dtypes.to_torch(e.dtype))
-        _core.delta_restore(w, d.signs(name), _alpha_arg(d.alpha(name)), result)
-        return result
+        def restored(name: str):
+            e = d.entries[name]
+            b = by_name[name]
+            w = reader.read(b)
+            d.check_base_tensor(name, b.dtype, b.shape, _core.delta_content_hash(w))
+            result = torch.empty(e.shape, dtype=dtypes.to_torch(e.dtype))
+            _core.delta_restore(w, d.signs(name), _alpha_arg(d.alpha(name)), result)
+            return result
 
-    names = list(d.tensors)
-    if out is None:
-        state = {}
-        for name in names:
-            state[name] = restored(name) if name in d.entries else d.verbatim_tensor(name)
-        return state
-    planned = [PlannedTensor(n, r["dtype"], tuple(r["shape"]), dtypes.numel(r["shape"]) * dtypes.itemsize(r["dtype"]))
-               for n, r in d.tensors.items()]
-    with OutputFolder(out, fmt="restore", inputs=[base_path, d.path], force=force, fsync=fsync) as dest:
-        writer = dest.writer(planned, max_shard_bytes, metadata={"ferrox_restored_from": "bitdelta"})
-        with tqdm(total=sum(p.nbytes for p in planned), desc="ferrox restore", unit="B", unit_scale=True,
-                  disable=None if progress is None else not progress) as bar:
-            for p in planned:
-                if p.name in d.entries:
-                    writer.write(p.name, restored(p.name))
-                else:
-                    writer.copy(p.name, d.verbatim[p.name])
-                bar.update(p.nbytes)
-        dest.copy_side_files(d.path)  # the fine-tune's config/tokenizer, kept by compress
-        return dest.out
+        names = list(d.tensors)
+        if out is None:
+            state = {}
+            for name in names:
+                state[name] = restored(name) if name in d.entries else d.verbatim_tensor(name)
+            return state
+        planned = [PlannedTensor(n, r["dtype"], tuple(r["shape"]), dtypes.numel(r["shape"]) * dtypes.itemsize(r["dtype"]))
+                   for n, r in d.tensors.items()]
+        with OutputFolder(out, fmt="restore", inputs=[base_path, d.path], force=force, fsync=fsync) as dest:
+            writer = dest.writer(planned, max_shard_bytes, metadata={"ferrox_restored_from": "bitdelta"})
+            with tqdm(total=sum(p.nbytes for p in planned), desc="ferrox restore", unit="B", unit_scale=True,
+                      disable=None if progress is None else not progress) as bar:
+                for p in planned:
+                    if p.name in d.entries:
+                        writer.write(p.name, restored(p.name))
+                    else:
+                        writer.copy(p.name, d.verbatim[p.name])
+                    bar.update(p.nbytes)
+            dest.copy_side_files(d.path)  # the fine-tune's config/tokenizer, kept by compress
+            return dest.out
+    finally:
+        for tmp in keep:  # a state-dict base saved for the reader
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _alpha_arg(alpha):

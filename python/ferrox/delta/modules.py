@@ -106,8 +106,8 @@ class MultiDeltaLinear(nn.Module):
         ref = BitDeltaLinear(base, *pairs[0])
         self.in_features, self.out_features = ref.in_features, ref.out_features
         self.weight, self.bias = base.weight, base.bias
-        for i, (s, a) in enumerate(pairs[1:], 1):
-            BitDeltaLinear(base, s, a)  # validates shapes
+        for s, a in pairs[1:]:
+            BitDeltaLinear(base, s, a)  # validates each tenant's shapes
         self.register_buffer("signs", torch.stack([s.to(base.weight.device) for s, _ in pairs]).contiguous())
         self.register_buffer("alphas", torch.stack([torch.as_tensor(a, dtype=torch.float32).to(base.weight.device)
                                                     for _, a in pairs]).contiguous())

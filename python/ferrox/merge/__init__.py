@@ -11,7 +11,7 @@ Names are imported on first use: a streamed CPU merge (config, checkpoints,
 methods) runs without importing torch.
 """
 
-import importlib
+from .._lazy import exports
 
 _WHERE = {
     "ATLAS": "atlas", "fit_atlas": "atlas", "prediction_entropy": "atlas", "train_atlas": "atlas",
@@ -29,14 +29,4 @@ _WHERE = {
 __all__ = sorted(_WHERE)
 
 
-def __getattr__(name):
-    module = _WHERE.get(name)
-    if module is None:
-        raise AttributeError(f"module 'ferrox.merge' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_WHERE))
+__getattr__, __dir__ = exports(__name__, _WHERE)
