@@ -9,6 +9,7 @@ pub mod cuda;
 pub mod delta;
 pub mod dtype;
 pub mod error;
+pub mod importance;
 pub mod merge;
 pub mod ops;
 pub mod pack;

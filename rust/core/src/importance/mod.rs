@@ -1,0 +1,15 @@
+//! Data importance for retrieval corpora: which corpus items help a
+//! retrieval-augmented model and which hurt it.
+//!
+//! `mle` holds the multilinear-extension (MLE) importance of Lyu et al.
+//! ("Improving Retrieval-Augmented LLMs with Data-Centric Refinement"): every
+//! corpus item exists independently with a probability, the model averages
+//! the utilities of the top-k *existing* items of each query's ranking, and
+//! the gradient of the expected utility in the probabilities (exact by a
+//! dynamic program, or sampled with an (ε, δ) guarantee) drives projected
+//! gradient ascent. Items that end with a low probability are the ones to
+//! prune or down-weight.
+
+pub mod mle;
+
+pub use mle::{learn_importance, multilinear_gradient, sampled_gradient, sample_count, GroupStep, Retrievals};
