@@ -9,6 +9,7 @@ mod checkpoint;
 mod cuda;
 mod delta;
 mod error;
+mod importance;
 mod merge;
 mod ops;
 mod pack;
@@ -52,6 +53,10 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(delta::delta_matmul_multi, m)?)?;
     m.add_function(wrap_pyfunction!(delta::delta_hash_name, m)?)?;
     m.add_function(wrap_pyfunction!(delta::delta_content_hash, m)?)?;
+    m.add_function(wrap_pyfunction!(importance::mle_gradient, m)?)?;
+    m.add_function(wrap_pyfunction!(importance::mle_sampled_gradient, m)?)?;
+    m.add_function(wrap_pyfunction!(importance::mle_sample_count, m)?)?;
+    m.add_function(wrap_pyfunction!(importance::mle_learn, m)?)?;
     Ok(())
 }
 
