@@ -197,7 +197,7 @@ def test_signal_mid_merge_leaves_nothing_and_keeps_existing_output(llama, tmp_pa
     [
         (lambda c: c.update(slices=[]), "'slices' is not supported"),
         (lambda c: c.update(tokenizer_source="base"), "'tokenizer_source' is not supported"),
-        (lambda c: c.update(parameters={"int8_mask": True}), "'int8_mask' is not supported"),
+        (lambda c: c.update(parameters={"int8_mask": 1}), "int8_mask must be true or false"),
         (lambda c: c["models"][0]["parameters"].update(weight=[0.1, 0.2]), "gradient"),
         (lambda c: c["models"][0]["parameters"].update(weight=[{"filter": "mlp", "value": 1}]), "gradient"),
         (lambda c: c["models"][0]["parameters"].update(density={"filter": "mlp"}), "filters"),
@@ -293,7 +293,7 @@ def test_output_is_fsynced_before_the_rename_unless_asked_not_to(llama, tmp_path
     synced = []
     real_fsync = os.fsync
     monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or real_fsync(fd))
-    merge_checkpoints(cfg, tmp_path / "durable", max_shard_elements=20_000, progress=False)
+    merge_checkpoints(cfg, tmp_path / "durable", max_shard_bytes=40_000, progress=False)
     shards = sorted(p for p in os.listdir(tmp_path / "durable") if p.endswith(".safetensors"))
     files = [p for p in synced if p.endswith(".safetensors")]
     assert len(shards) > 1 and sorted(os.path.basename(p) for p in files) == shards
@@ -301,7 +301,7 @@ def test_output_is_fsynced_before_the_rename_unless_asked_not_to(llama, tmp_path
     folders = [os.path.basename(p) for p in synced[len(files):]]
     assert len(folders) == 2 and folders[0].startswith(f".durable.ferrox-tmp-{os.getpid()}.") and folders[1] == tmp_path.name
     synced.clear()
-    merge_checkpoints(cfg, tmp_path / "fast", max_shard_elements=20_000, progress=False, fsync=False)
+    merge_checkpoints(cfg, tmp_path / "fast", max_shard_bytes=40_000, progress=False, fsync=False)
     assert synced == []
     durable, fast = load_folder(tmp_path / "durable"), load_folder(tmp_path / "fast")
     assert durable.keys() == fast.keys() and all(torch.equal(durable[k], fast[k]) for k in durable)

@@ -8,6 +8,7 @@ byte for byte. ``device="cuda"`` imports torch to move tensors to the GPU.
 """
 
 import contextlib
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -65,7 +66,9 @@ class _Inputs:
 
 def _plan(cfg: MergeConfig, inputs: List[_Inputs]) -> List[PlannedTensor]:
     """Output tensors in the reference model's order, checking every input
-    has each tensor with the same shape and dtype."""
+    has each tensor with the same shape, and the same dtype unless all are
+    floats (mixed float inputs are cast to the merge's compute dtype, as
+    mergekit does)."""
     ref = inputs[0]
     planned = []
     by_name = [i.by_name for i in inputs]
@@ -75,12 +78,15 @@ def _plan(cfg: MergeConfig, inputs: List[_Inputs]) -> List[PlannedTensor]:
             other = names.get(t.name)
             if other is None:
                 raise MergeError(f"{inp.path}: tensor {t.name!r} is missing (present in {ref.path})")
-            if other.shape != t.shape or other.dtype != t.dtype:
+            mixed_floats = other.dtype in dtypes.KERNEL_FLOATS and t.dtype in dtypes.KERNEL_FLOATS
+            if other.shape != t.shape or (other.dtype != t.dtype and not mixed_floats):
                 raise MergeError(f"{inp.path}: tensor {t.name!r} is {other.dtype} {list(other.shape)}, "
                                  f"but {t.dtype} {list(t.shape)} in {ref.path}")
-        if t.dtype == "F64":
-            raise MergeError(f"{ref.path}: tensor {t.name!r} is F64; ferrox merges F32, F16 and BF16 tensors "
+        f64 = next((inp for inp in inputs if inp.by_name[t.name].dtype == "F64"), None)
+        if f64 is not None:
+            raise MergeError(f"{f64.path}: tensor {t.name!r} is F64; ferrox merges F32, F16 and BF16 tensors "
                              f"(convert the checkpoint, or set dtype to merge in another precision)")
+        # Unset dtypes: the reference model's (mergekit's result dtype: the base's, or linear's first model's).
         out_dtype = t.dtype
         if t.dtype in dtypes.KERNEL_FLOATS and out_dtype_name:
             out_dtype = dtypes.from_config_name(out_dtype_name)
@@ -125,11 +131,22 @@ def _naming_tensor(cfg: MergeConfig, p, paths, allow_nonfinite: bool):
         raise MergeError(f"tensor {p.name!r}: {msg} (inputs: {', '.join(paths)})") from None
 
 
+def _compute_dtype(cfg: MergeConfig, entries) -> str:
+    """The dtype inputs are cast to before merging: ``dtype`` when set (mergekit
+    casts every input to it on load), else the inputs' common dtype, F32
+    when they differ (torch's promotion of mixed float inputs, which is
+    where mergekit's arithmetic then happens)."""
+    if cfg.dtype:
+        return dtypes.from_config_name(cfg.dtype)
+    kinds = {e.dtype for e in entries}
+    return kinds.pop() if len(kinds) == 1 else "F32"
+
+
 def _merge_one(cfg: MergeConfig, p, entries, writer, allow_nonfinite: bool, chunk_bytes: int, paths) -> int:
     """Streams one float tensor's merge from the input files into the output
     file; returns how many elements changed."""
-    base, models = (entries[0], entries[1:]) if cfg.base else (None, entries)
-    compute = dtypes.from_config_name(cfg.dtype) if cfg.dtype else entries[0].dtype
+    base, models = (entries[0], entries[1:]) if cfg.merge_base else (None, entries)
+    compute = _compute_dtype(cfg, entries)  # the core converts each input from its file's dtype
     width = dtypes.itemsize(compute) * (len(entries) + 1) + dtypes.itemsize(p.dtype)
     weights, sparsify = merge_terms(cfg.method, len(models), seed=cfg.seed, tensor_name=p.name,
                                     **_per_model_params(cfg))
@@ -151,10 +168,9 @@ def _merge_on_device(cfg: MergeConfig, p, inputs, entries, writer, allow_nonfini
 
     from .tensor import merge_tensors
 
-    dtype = dtypes.to_torch(dtypes.from_config_name(cfg.dtype)) if cfg.dtype else None
-    tensors = [i.load(e) for i, e in zip(inputs, entries)]
-    tensors = [(t.to(dtype) if dtype is not None else t).to(device) for t in tensors]
-    base, models = (tensors[0], tensors[1:]) if cfg.base else (None, tensors)
+    dtype = dtypes.to_torch(_compute_dtype(cfg, entries))
+    tensors = [i.load(e).to(dtype).to(device) for i, e in zip(inputs, entries)]  # cast before the kernels
+    base, models = (tensors[0], tensors[1:]) if cfg.merge_base else (None, tensors)
     with _naming_tensor(cfg, p, paths, allow_nonfinite):
         result = merge_tensors(
             cfg.method, base, models, lam=cfg.lam, normalize=cfg.normalize, rescale=cfg.rescale,
@@ -183,10 +199,31 @@ def parse_device(device: str):
     return gpu
 
 
+def _rewrite_config_dtype(dest: OutputFolder, dtype_name: str) -> None:
+    """Sets the copied config.json's dtype field (``torch_dtype``, and ``dtype``
+    where present) to the output's, as mergekit does; every other value is
+    kept as read (key order too)."""
+    path = os.path.join(dest.path, "config.json")
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        try:
+            config = json.load(f)
+        except ValueError as e:
+            raise MergeError(f"config.json of the donor model is not valid JSON ({e}); cannot set its dtype") from None
+    if not isinstance(config, dict):
+        raise MergeError("config.json of the donor model is not a JSON object; cannot set its dtype")
+    keys = [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]
+    if all(config.get(k) == dtype_name for k in keys):
+        return  # already right: leave the copy byte for byte
+    for k in keys:
+        config[k] = dtype_name
+    dest.write_text("config.json", json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+
+
 def merge_checkpoints(cfg: MergeConfig, out: str, *, force: bool = False, max_shard_bytes: int = 5 * 10**9,
                       allow_nonfinite: bool = False, progress: Optional[bool] = None,
-                      chunk_bytes: int = CHUNK_BYTES, device: str = "cpu", fsync: bool = True,
-                      max_shard_elements: Optional[int] = None) -> MergeReport:
+                      chunk_bytes: int = CHUNK_BYTES, device: str = "cpu", fsync: bool = True) -> MergeReport:
     """Runs a merge config and writes the merged model to ``out``.
 
     On the CPU each tensor is merged by the Rust core straight from the input
@@ -202,18 +239,23 @@ def merge_checkpoints(cfg: MergeConfig, out: str, *, force: bool = False, max_sh
     renamed into place. ``fsync=False`` skips waiting for the disk: faster,
     but after a power loss or OS crash the renamed folder may hold incomplete
     files. ``max_shard_bytes`` splits the weights into shards of at most
-    that many bytes (a tensor is never split); ``max_shard_elements`` is the
-    older spelling in elements of the widest output dtype."""
+    that many bytes (mergekit's ``--out-shard-size`` unit; a tensor is never
+    split, so a larger one gets a shard of its own); 0 writes one shard.
+
+    Inputs whose float dtypes differ are cast to the compute dtype (``dtype``,
+    else F32); the copied config.json's dtype field is set to the output's
+    when ``dtype``/``out_dtype`` is given."""
     from tqdm import tqdm
 
     gpu = parse_device(device)
     start = time.perf_counter()
-    paths = ([cfg.base] if cfg.base else []) + [m.path for m in cfg.models]
+    if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int) or max_shard_bytes < 0:
+        raise MergeError(f"max_shard_bytes: expected a byte count >= 0 (0: one shard), got {max_shard_bytes!r}")
+    paths = ([cfg.merge_base] if cfg.merge_base else []) + [m.path for m in cfg.models]
     inputs = [_Inputs(p) for p in paths]
     planned = _plan(cfg, inputs)
-    if max_shard_elements is not None:
-        widest = max((p.nbytes // max(1, dtypes.numel(p.shape)) for p in planned), default=1)
-        max_shard_bytes = max_shard_elements * widest
+    if max_shard_bytes == 0:  # mergekit's "no limit"
+        max_shard_bytes = sum(p.nbytes for p in planned) + 1
     density, merged, copied = {}, 0, 0
     total = sum(p.nbytes for p in planned)
     sources = paths + ([cfg.config_path] if cfg.config_path else [])
@@ -235,7 +277,9 @@ def merge_checkpoints(cfg: MergeConfig, out: str, *, force: bool = False, max_sh
                     density[p.name] = changed / max(1, dtypes.numel(p.shape))
                     merged += 1
                 bar.update(p.nbytes)
-        dest.copy_side_files(cfg.base or cfg.models[0].path)
+        dest.copy_side_files(cfg.base or cfg.models[0].path)  # mergekit's donor: base_model, else the first model
+        if cfg.out_dtype or cfg.dtype:
+            _rewrite_config_dtype(dest, cfg.out_dtype or cfg.dtype)
         dest.write_text("ferrox_config.yml", yaml.safe_dump(cfg.resolved(), sort_keys=False))
         dest.model_card(f"Merged with ferrox ({cfg.method.name})", _model_card(cfg, total))
         dest.write_report({"method": cfg.method.name, "tensors_merged": merged, "tensors_copied": copied,

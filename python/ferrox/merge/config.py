@@ -12,6 +12,7 @@ ranks per tensor; the Breadcrumbs paper's code per row).
 import math
 import os
 import stat
+import struct
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
@@ -23,8 +24,8 @@ from .methods import MergeMethod, get_method
 TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "name"}
 REFUSED_TOP = {"slices", "tokenizer_source", "tokenizer", "chat_template", "modules", "architecture"}
 MODEL_KEYS = {"model", "parameters"}
-GLOBAL_PARAMS = {"normalize", "rescale", "lambda", "granularity", "seed"}
-REFUSED_PARAMS = {"int8_mask", "epsilon"}
+GLOBAL_PARAMS = {"normalize", "rescale", "lambda", "granularity", "seed", "int8_mask"}
+REFUSED_PARAMS = {"epsilon"}
 ALIASES = {"keep_frac": "density", "outlier_frac": "gamma"}
 PER_MODEL = {"weight", "density", "gamma"}
 DTYPES = {dtypes.get(name).torch_name for name in dtypes.KERNEL_FLOATS}  # mergekit's names
@@ -53,8 +54,17 @@ class MergeConfig:
     dtype: Optional[str]
     out_dtype: Optional[str]
     source: dict
+    #: mergekit's TIES mask dtype switch: read and checked, no numerical effect
+    int8_mask: bool = False
     #: the YAML file it was read from (an input the output may not overwrite)
     config_path: Optional[str] = None
+
+    @property
+    def merge_base(self) -> Optional[str]:
+        """The model task vectors are taken from: the base of a method that
+        reads one. linear ignores a base as a base (mergekit's contract); its
+        base_model is one of ``models`` and only donates config/tokenizer."""
+        return self.base if self.method.needs_base else None
 
     def resolved(self) -> dict:
         """The config with every default filled in (written as provenance)."""
@@ -63,7 +73,7 @@ class MergeConfig:
             "base_model": self.base,
             "models": [{"model": m.path, "parameters": dict(m.params)} for m in self.models],
             "parameters": {"normalize": self.normalize, "rescale": self.rescale, "lambda": self.lam,
-                           "granularity": self.granularity, "seed": self.seed},
+                           "granularity": self.granularity, "seed": self.seed, "int8_mask": self.int8_mask},
             "dtype": self.dtype,
             "out_dtype": self.out_dtype,
         }
@@ -144,18 +154,30 @@ def _params(where: str, raw, allowed) -> dict:
     return out
 
 
-def _local_path(where: str, path, config_dir: str) -> str:
+def _local_path(where: str, path, config_dir: Optional[str]) -> str:
     if not isinstance(path, str) or not path or "\0" in path:
         raise ConfigError(f"{where}: expected a local path, got {path!r}")
-    full = path if os.path.isabs(path) else os.path.join(config_dir, path)
+    full = path if os.path.isabs(path) else os.path.join(config_dir or os.getcwd(), path)
     if not os.path.exists(full):
         if "/" in path and not path.startswith((".", "/")) and path.count("/") == 1:
             raise ConfigError(f"{where}: {path!r} looks like a hub model id; ferrox never downloads, give a local folder")
         raise ConfigError(f"{where}: no such model file or folder: {full}")
-    return os.path.normpath(full)
+    # realpath, not normpath: "link/../x" is what the OS opens, not a lexical "x".
+    return os.path.realpath(full)
 
 
-def parse_config(raw: dict, config_dir: str = ".") -> MergeConfig:
+def _f32_sum(values) -> float:
+    """The weights' sum as the Rust core folds it (float32, in order)."""
+    total = 0.0
+    for v in values:
+        total = struct.unpack("f", struct.pack("f", total + struct.unpack("f", struct.pack("f", v))[0]))[0]
+    return total
+
+
+def parse_config(raw: dict, config_dir: Optional[str] = None) -> MergeConfig:
+    """A checked ``MergeConfig``. Relative model paths are resolved from
+    ``config_dir``, by default the current directory (as mergekit does; not
+    the config file's folder)."""
     if not isinstance(raw, dict):
         raise ConfigError("config: expected a YAML mapping at the top level")
     for key in raw:
@@ -185,7 +207,7 @@ def parse_config(raw: dict, config_dir: str = ".") -> MergeConfig:
     entries = raw.get("models")
     if not isinstance(entries, list) or not entries:
         raise ConfigError("config: models must be a non-empty list")
-    models = []
+    raw_models = []
     for i, e in enumerate(entries):
         where = f"models[{i}]"
         if not isinstance(e, dict) or "model" not in e:
@@ -194,11 +216,26 @@ def parse_config(raw: dict, config_dir: str = ".") -> MergeConfig:
             if key not in MODEL_KEYS:
                 raise ConfigError(f"{where}: key {key!r} is not supported by ferrox yet")
         path = _local_path(f"{where}.model", e["model"], config_dir)
+        for j, (_, other, _) in enumerate(raw_models):
+            if os.path.samefile(path, other):
+                raise ConfigError(f"{where}.model: {e['model']!r} is the same model as models[{j}] "
+                                  f"({other}); mergekit refuses duplicate merge inputs, list each model once")
+        raw_models.append((where, path, e.get("parameters")))
+    base_listed = base is not None and any(os.path.samefile(p, base) for _, p, _ in raw_models)
+    if base and not method.needs_base and not base_listed:
+        # mergekit adds an unlisted base_model to the inputs, last, with the global parameters.
+        raw_models.append(("base_model", base, None))
+    models = []
+    for where, path, model_params in raw_models:
         params = {k: v for k, v in glob.items() if k in PER_MODEL}
-        params.update(_params(where, e.get("parameters"), PER_MODEL))
+        params.update(_params(where, model_params, PER_MODEL))
         if method.needs_base and base and os.path.samefile(path, base):
             continue  # mergekit lets the base appear among the models; it carries no delta
         if "weight" not in params:
+            if where == "base_model":
+                raise ConfigError(f"base_model: {method.name} merges its base_model as one more input (as mergekit "
+                                  f"does), so it needs a weight: list it under models with one, or set a global "
+                                  f"weight under parameters")
             raise ConfigError(f"{where}: parameter 'weight' is required for {method.name}")
         params["weight"] = _number(where, "weight", params["weight"])
         for key in ("density", "gamma"):
@@ -207,14 +244,23 @@ def parse_config(raw: dict, config_dir: str = ".") -> MergeConfig:
         models.append(ModelEntry(path, params))
     if not models:
         raise ConfigError("config: no models besides the base model")
+    normalize = _flag("parameters", "normalize", glob.get("normalize", method.normalize))
+    if normalize and not method.needs_base:
+        weights = [m.params["weight"] for m in models]
+        total = _f32_sum(weights)
+        # The core would fall back to dividing by 1 here, mergekit to dividing by ~0 (inf/NaN): neither is a merge.
+        if abs(total) < 1e-8:
+            raise ConfigError(f"parameters: {method.name} with normalize: true divides by the sum of the weights, "
+                              f"and the weights {weights} sum to {total:g}; set normalize: false or change the weights")
     granularity = _choice("parameters", "granularity", glob.get("granularity", "tensor"), {"tensor", "row"})
     return MergeConfig(
         method=method, base=base, models=models,
-        normalize=_flag("parameters", "normalize", glob.get("normalize", method.normalize)),
+        normalize=normalize,
         rescale=_flag("parameters", "rescale", glob.get("rescale", method.rescale)),
         lam=_number("parameters", "lambda", glob.get("lambda", 1.0)),
         granularity=granularity, seed=_seed("parameters", glob.get("seed", 0)),
         dtype=dtype, out_dtype=out_dtype, source=raw,
+        int8_mask=_flag("parameters", "int8_mask", glob.get("int8_mask", False)),
     )
 
 
@@ -239,7 +285,7 @@ def load_config(path) -> MergeConfig:
     except RecursionError:
         raise ConfigError(f"{path}: nested too deeply to be a merge config") from None
     try:
-        cfg = parse_config(raw, os.path.dirname(os.path.abspath(path)))
+        cfg = parse_config(raw)  # relative model paths: from the current directory, as mergekit
     except RecursionError:
         raise ConfigError(f"{path}: nested too deeply to be a merge config") from None
     cfg.config_path = os.path.abspath(path)
