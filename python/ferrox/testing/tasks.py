@@ -219,10 +219,11 @@ def _locked(path: str):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _cached(name: str, build) -> str:
-    """The folder ``name`` of the cache, made by ``build(tmp_folder) -> info``
-    if missing, published atomically."""
-    root = cache_dir()
+def _cached(name: str, build, root: str = None, key: str = None) -> str:
+    """The folder ``name`` of the cache ``root`` (default: the tiny GPT's,
+    ``cache_dir()``; ``key`` is recorded with it), made by
+    ``build(tmp_folder) -> info`` if missing, published atomically."""
+    root = root or cache_dir()
     target = os.path.join(root, name)
     if os.path.isfile(os.path.join(target, "model.safetensors")):
         return target
@@ -238,7 +239,7 @@ def _cached(name: str, build) -> str:
             wall, cpu = time.perf_counter(), time.process_time()
             info = build(tmp)
             info.update(wall_seconds=round(time.perf_counter() - wall, 2), cpu_seconds=round(time.process_time() - cpu, 2),
-                        torch=torch.__version__, cache_key=cache_key())
+                        torch=torch.__version__, cache_key=key or cache_key())
             with open(os.path.join(tmp, "ferrox_training.json"), "w") as f:
                 json.dump(info, f, indent=1)
             try:

@@ -30,7 +30,10 @@ def add_parser(sub, parent=None):
     p.add_argument("--distill", action="store_true", help="train the scales on --calib (needs torch models)")
     p.add_argument("--calib", help="calibration token ids (.safetensors/.pt with 'input_ids' [N, seq])")
     p.add_argument("--steps", type=int, default=100, help="distillation steps (default 100)")
-    p.add_argument("--lr", type=float, default=1e-4, help="distillation learning rate (default 1e-4)")
+    p.add_argument("--lr", type=float, default=0.1,
+                   help="distillation learning rate, relative to each matrix's initial scale (default 0.1)")
+    p.add_argument("--absolute-lr", action="store_true",
+                   help="--lr is an absolute learning rate (as in the BitDelta reference code, 1e-4)")
     p.add_argument("--batch-size", type=int, default=4, help="calibration rows per step (default 4)")
     return p
 
@@ -99,7 +102,7 @@ def run(args) -> int:
         base_model, ft_model = load_model(args.base), load_model(args.finetuned)
         delta = compress(args.base, args.finetuned, args.select, None, per_row=args.per_row, progress=progress)
         result = distill(base_model, delta, ft_model, batches, steps=args.steps, lr=args.lr, per_row=args.per_row,
-                         progress=progress)
+                         relative_lr=not args.absolute_lr, progress=progress)
         _common.say(args, f"distilled the scales in {args.steps} steps: output MSE {result.initial_loss:.4g} -> "
                           f"{result.losses[-1]:.4g} (last step)")
         delta = result.delta.save(out, force=args.force, fsync=not args.no_fsync)
