@@ -103,7 +103,9 @@ def _model_card(cfg: MergeConfig, report_bytes: int) -> List[str]:
     lines = [
         f"Method: `{cfg.method.name}` ({cfg.method.reference}), granularity `{cfg.granularity}`, "
         f"normalize={cfg.normalize}, rescale={cfg.rescale}, lambda={cfg.lam}, seed={cfg.seed}.", "",
-        f"Base model: `{cfg.base}`" if cfg.base else "No base model.", "", "Models:",
+        f"Base model: `{cfg.base}`" if cfg.merge_base else
+        f"No base model (`{cfg.base}` is one of the models and donates config.json)." if cfg.base else
+        "No base model.", "", "Models:",
     ]
     lines += [f"- `{m.path}`: " + ", ".join(f"{k}={v}" for k, v in m.params.items()) for m in cfg.models]
     lines += ["", f"Weights: {ckpt.human_bytes(report_bytes)}. The resolved config is in `ferrox_config.yml`; "

@@ -166,11 +166,18 @@ def _local_path(where: str, path, config_dir: Optional[str]) -> str:
     return os.path.realpath(full)
 
 
+def _f32(x: float) -> float:
+    try:
+        return struct.unpack("f", struct.pack("f", x))[0]
+    except OverflowError:  # beyond float32's range: what the core's sum would be
+        return math.copysign(math.inf, x)
+
+
 def _f32_sum(values) -> float:
     """The weights' sum as the Rust core folds it (float32, in order)."""
     total = 0.0
     for v in values:
-        total = struct.unpack("f", struct.pack("f", total + struct.unpack("f", struct.pack("f", v))[0]))[0]
+        total = _f32(total + _f32(v))
     return total
 
 
