@@ -3,7 +3,7 @@
 
 use half::{bf16, f16};
 
-use super::matmul::{dot_one, Dims};
+use super::matmul::{dot_one, matmul_multi_with, Dims, Kernel};
 use super::*;
 use crate::test_rng::XorShift;
 
@@ -410,4 +410,41 @@ fn matmul_errors_name_the_argument() {
     let one = Dims { tenants: 1, ..d };
     let e = matmul(&x[1..], one, &signs[..6], Alphas { values: &a[..1], per_row: false }, &mut y, false).unwrap_err().to_string();
     assert!(e.starts_with("x: expected [2, 9]"), "{e}");
+}
+
+/// Every kernel (portable, AVX-512 where the CPU has it) gives the bits of
+/// the reference order, for odd sizes (in not a multiple of 8 or 32, more
+/// words than one chunk), batch 1..9 and several tenants.
+#[test]
+fn every_kernel_gives_the_reference_bits() {
+    let kernels = Kernel::available();
+    let mut g = XorShift::new(91);
+    for &(inf, out, tenants) in &[(1, 3, 1), (31, 9, 2), (33, 17, 3), (100, 21, 1), (1100, 13, 3), (2048 + 40, 19, 2)] {
+        for batch in 1..=9 {
+            let d = Dims { batch, in_features: inf, out_features: out, tenants };
+            let x: Vec<f32> = (0..batch * inf).map(|_| g.normal_ish()).collect();
+            let signs: Vec<u8> = (0..tenants * out * d.row_bytes()).map(|_| g.next() as u8).collect();
+            let ids: Vec<i64> = (0..batch).map(|_| g.below(tenants as u64) as i64).collect();
+            let alphas: Vec<f32> = (0..tenants * out).map(|_| 0.25 + g.below(100) as f32 / 64.0).collect();
+            let a = Alphas { values: &alphas, per_row: true };
+            let results: Vec<Vec<u32>> = kernels
+                .iter()
+                .map(|&k| {
+                    let mut y = vec![0f32; batch * out];
+                    matmul_multi_with(k, &x, d, &signs, a, &ids, &mut y, false).unwrap();
+                    y.iter().map(|v| v.to_bits()).collect()
+                })
+                .collect();
+            for b in 0..batch {
+                let t = ids[b] as usize;
+                for o in 0..out {
+                    let row = &signs[(t * out + o) * d.row_bytes()..(t * out + o + 1) * d.row_bytes()];
+                    let want = (alphas[t * out + o] * dot_one(&x[b * inf..(b + 1) * inf], row)).to_bits();
+                    for (k, r) in kernels.iter().zip(&results) {
+                        assert_eq!(r[b * out + o], want, "{k:?} in={inf} out={out} tenants={tenants} batch={batch} b={b} o={o}");
+                    }
+                }
+            }
+        }
+    }
 }
