@@ -166,7 +166,8 @@ def test_same_bits_for_one_and_two_threads():
         for t in (1, 2):
             ferrox.set_num_threads(t)
             results.append((multilinear_gradient(ids, u, 5, probs), sampled_gradient(ids, u, 5, probs, 0.2, 0.1, 7),
-                            learn_importance((ids, u), 5, 50.0, 3, probs=probs)))
+                            learn_importance((ids, u), 5, 50.0, 3, probs=probs),
+                            learn_importance((ids[:300], u[:300]), 5, 50.0, 3, probs=probs)))
     finally:
         ferrox.set_num_threads(ferrox._runtime._default_threads())
     for a, b in zip(*results):
@@ -217,9 +218,10 @@ def test_grouping_is_the_sum_of_the_group_item_gradients():
     np.testing.assert_allclose(learn_importance((ids, u), 2, lr, 2, grouping=groups), w2[groups], atol=1e-15)
 
 
-def test_learning_without_groups_is_clipped_ascent():
+@pytest.mark.parametrize("n", [15, 400])  # more entries than items (dense gradient) and fewer (per-entry steps)
+def test_learning_without_groups_is_clipped_ascent(n):
     rng = np.random.default_rng(8)
-    rows, utils, probs = random_case(rng, 20, 5, 15)
+    rows, utils, probs = random_case(rng, 20, 5, n)
     ids, u = padded(rows, utils, 5)
     v = probs.copy()
     for _ in range(4):

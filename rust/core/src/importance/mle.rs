@@ -168,7 +168,7 @@ impl<'a> Retrievals<'a> {
         let n = self.num_items;
         let err = (0..self.num_queries())
             .into_par_iter()
-            .map_init(Vec::new, |seen: &mut Vec<(i64, usize)>, q| {
+            .map_init(Vec::new, |table: &mut Vec<(i64, usize)>, q| {
                 let (ids, util) = self.row(q);
                 for (j, (&id, &u)) in ids.iter().zip(util).enumerate() {
                     if id < 0 || id as u64 >= n as u64 {
@@ -180,14 +180,8 @@ impl<'a> Retrievals<'a> {
                         return Some(Error::Value(format!("utility: non-finite value {u} at query {q}, position {j}")));
                     }
                 }
-                seen.clear();
-                seen.extend(ids.iter().enumerate().map(|(j, &id)| (id, j)));
-                seen.sort_unstable();
-                seen.windows(2).find(|w| w[0].0 == w[1].0).map(|w| {
-                    Error::Value(format!(
-                        "retrieved: id {} appears twice in query {q} (positions {} and {})",
-                        w[0].0, w[0].1, w[1].1
-                    ))
+                first_repeat(ids, table).map(|(id, a, b)| {
+                    Error::Value(format!("retrieved: id {id} appears twice in query {q} (positions {a} and {b})"))
                 })
             })
             .find_map_first(|e| e);
@@ -202,6 +196,32 @@ impl<'a> Retrievals<'a> {
             .reduce(|| (0.0, 0.0), |a, b| (a.0.min(b.0), a.1.max(b.1)));
         hi - lo
     }
+}
+
+/// The first id of `ids` (all >= 0) seen before, with both positions: an
+/// open-addressing set of (id, position) at most half full, O(m) per query
+/// (sorting each query was most of a gradient call's time).
+fn first_repeat(ids: &[i64], table: &mut Vec<(i64, usize)>) -> Option<(i64, usize, usize)> {
+    let bits = (2 * ids.len()).max(2).next_power_of_two().trailing_zeros();
+    let mask = (1usize << bits) - 1;
+    table.clear();
+    table.resize(mask + 1, (-1, 0));
+    for (j, &id) in ids.iter().enumerate() {
+        // Fibonacci hashing: the top bits of id * 2^64/φ.
+        let mut h = ((id as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - bits)) as usize & mask;
+        loop {
+            let (seen, at) = table[h];
+            if seen == -1 {
+                table[h] = (id, j);
+                break;
+            }
+            if seen == id {
+                return Some((id, at, j));
+            }
+            h = (h + 1) & mask;
+        }
+    }
+    None
 }
 
 fn check_k(k: usize) -> Result<()> {
@@ -229,6 +249,17 @@ struct Scratch {
     s: Vec<f64>,
     exists: Vec<bool>,
     firsts: Vec<usize>,
+    p: Vec<f64>,
+}
+
+impl Scratch {
+    /// The query's probabilities, gathered in one pass: the loads are
+    /// independent, so the random reads of a large `probs` overlap instead
+    /// of stalling the recursions one by one.
+    fn gather(&mut self, ids: &[i64], probs: &[f64]) {
+        self.p.clear();
+        self.p.extend(ids.iter().map(|&i| probs[i as usize]));
+    }
 }
 
 /// k·∂E_q/∂p for the items of one query, written to `out` (see the module
@@ -239,16 +270,16 @@ fn query_gradient(ids: &[i64], util: &[f64], probs: &[f64], k: usize, sc: &mut S
         out.copy_from_slice(util);
         return;
     }
-    let p = |j: usize| probs[ids[j] as usize];
+    sc.gather(ids, probs);
     sc.ip.clear();
     sc.ip.resize(m * k, 0.0);
     sc.s.clear();
     sc.s.resize(k, 0.0);
-    let (ip, s) = (&mut sc.ip, &mut sc.s);
+    let (ip, s, p) = (&mut sc.ip, &mut sc.s, &sc.p);
     // Forward: row j holds P(exactly c of items 0..j-1 exist), c < k.
     ip[0] = 1.0;
     for j in 1..m {
-        let pj = p(j - 1);
+        let pj = p[j - 1];
         let (prev, cur) = ip[(j - 1) * k..(j + 1) * k].split_at_mut(k);
         cur[0] = (1.0 - pj) * prev[0];
         for c in 1..k {
@@ -264,7 +295,7 @@ fn query_gradient(ids: &[i64], util: &[f64], probs: &[f64], k: usize, sc: &mut S
             corr += r * s[k - 1 - c];
         }
         out[j] = util[j] * a - corr;
-        let pj = p(j);
+        let pj = p[j];
         for b in (1..k).rev() {
             s[b] = (1.0 - pj) * s[b] + pj * s[b - 1];
         }
@@ -316,6 +347,8 @@ fn query_sampled(
         return;
     }
     let mut rng = Uniforms::new(seed, q as u64);
+    sc.gather(ids, probs);
+    let p = &sc.p;
     let exists = &mut sc.exists;
     exists.clear();
     exists.resize(m, false);
@@ -324,7 +357,7 @@ fn query_sampled(
     for s in 0..samples {
         firsts.clear();
         for j in 0..m {
-            exists[j] = rng.get((s * m + j) as u64) < probs[ids[j] as usize];
+            exists[j] = rng.get((s * m + j) as u64) < p[j];
             if exists[j] && firsts.len() <= k {
                 firsts.push(j);
             }
@@ -345,6 +378,77 @@ fn query_sampled(
     out.iter_mut().for_each(|o| *o /= inv);
 }
 
+/// Block boundaries: consecutive queries with about `BLOCK_ENTRIES` entries.
+fn blocks(r: &Retrievals<'_>, max_entries: usize) -> Vec<(usize, usize)> {
+    let nq = r.num_queries();
+    let mut out = Vec::new();
+    let mut q0 = 0;
+    while q0 < nq {
+        let base = r.rows[q0].0;
+        let mut q1 = q0 + 1;
+        while q1 < nq && r.rows[q1].0 + r.rows[q1].1 - base <= max_entries {
+            q1 += 1;
+        }
+        out.push((q0, q1));
+        q0 = q1;
+    }
+    out
+}
+
+/// `per_query`'s values for the entries of queries [q0, q1), computed in
+/// parallel into `buf`, laid out like `ids` from the block's first entry
+/// (returned; padding positions hold 0).
+fn block_values<F>(r: &Retrievals<'_>, (q0, q1): (usize, usize), buf: &mut Vec<f64>, per_query: &F) -> usize
+where
+    F: Fn(usize, &[i64], &[f64], &mut Scratch, &mut [f64]) + Sync,
+{
+    let base = r.rows[q0].0;
+    let end = r.rows[q1 - 1].0 + r.rows[q1 - 1].1;
+    buf.clear();
+    buf.resize(end - base, 0.0);
+    let mut jobs: Vec<(usize, &mut [f64])> = Vec::with_capacity(q1 - q0);
+    let mut rest: &mut [f64] = buf;
+    let mut at = base;
+    for q in q0..q1 {
+        let (start, len) = r.rows[q];
+        let (_, tail) = std::mem::take(&mut rest).split_at_mut(start - at);
+        let (row, tail) = tail.split_at_mut(len);
+        jobs.push((q, row));
+        rest = tail;
+        at = start + len;
+    }
+    jobs.into_par_iter().for_each_init(Scratch::default, |sc, (q, row)| {
+        let (ids, util) = r.row(q);
+        per_query(q, ids, util, sc, row);
+    });
+    base
+}
+
+/// For every entry of queries [q0, q1) in (query, rank) order:
+/// `out[id] = apply(out[id], value)`. Parallel over id ranges (each task
+/// scans the block and touches only its ids), so every entry of `out` sees
+/// its terms in the same order for any thread count.
+fn scatter<A>(r: &Retrievals<'_>, (q0, q1): (usize, usize), base: usize, buf: &[f64], out: &mut [f64], apply: A)
+where
+    A: Fn(f64, f64) -> f64 + Sync,
+{
+    let range = out.len().div_ceil(rayon::current_num_threads().max(1)).max(1);
+    out.par_chunks_mut(range).enumerate().for_each(|(c, o)| {
+        let lo = (c * range) as i64;
+        let hi = lo + o.len() as i64;
+        for q in q0..q1 {
+            let (start, len) = r.rows[q];
+            let vals = &buf[start - base..start - base + len];
+            for (&id, &v) in r.ids[start..start + len].iter().zip(vals) {
+                if id >= lo && id < hi {
+                    let x = &mut o[(id - lo) as usize];
+                    *x = apply(*x, v);
+                }
+            }
+        }
+    });
+}
+
 /// Σ over queries of `per_query(q, ids, util, scratch, out_row)` into `out`,
 /// in (query, rank) order per entry (see "Determinism"), then divided by k·Q.
 fn accumulate<F>(r: &Retrievals<'_>, k: usize, out: &mut [f64], per_query: F)
@@ -352,55 +456,13 @@ where
     F: Fn(usize, &[i64], &[f64], &mut Scratch, &mut [f64]) + Sync,
 {
     out.par_iter_mut().for_each(|o| *o = 0.0);
-    let nq = r.num_queries();
-    let n = out.len();
-    let tasks = rayon::current_num_threads().max(1);
-    let range = n.div_ceil(tasks).max(1);
     let mut buf: Vec<f64> = Vec::new();
-    let mut q0 = 0;
-    while q0 < nq {
-        // Block [q0, q1): consecutive queries, entries contiguous in `ids`.
-        let base = r.rows[q0].0;
-        let mut q1 = q0 + 1;
-        while q1 < nq && r.rows[q1].0 + r.rows[q1].1 - base <= BLOCK_ENTRIES {
-            q1 += 1;
-        }
-        let end = r.rows[q1 - 1].0 + r.rows[q1 - 1].1;
-        buf.clear();
-        buf.resize(end - base, 0.0);
-        let mut jobs: Vec<(usize, &mut [f64])> = Vec::with_capacity(q1 - q0);
-        let mut rest: &mut [f64] = &mut buf;
-        let mut at = base;
-        for q in q0..q1 {
-            let (start, len) = r.rows[q];
-            let (_, tail) = std::mem::take(&mut rest).split_at_mut(start - at);
-            let (row, tail) = tail.split_at_mut(len);
-            jobs.push((q, row));
-            rest = tail;
-            at = start + len;
-        }
-        jobs.into_par_iter().for_each_init(Scratch::default, |sc, (q, row)| {
-            let (ids, util) = r.row(q);
-            per_query(q, ids, util, sc, row);
-        });
-        let buf = &buf;
-        out.par_chunks_mut(range).enumerate().for_each(|(c, o)| {
-            let lo = (c * range) as i64;
-            let hi = lo + o.len() as i64;
-            for q in q0..q1 {
-                let (start, len) = r.rows[q];
-                let vals = &buf[start - base..start - base + len];
-                for (&id, &v) in r.ids[start..start + len].iter().zip(vals) {
-                    if id >= lo && id < hi {
-                        o[(id - lo) as usize] += v;
-                    }
-                }
-            }
-        });
-        q0 = q1;
+    for block in blocks(r, BLOCK_ENTRIES) {
+        let base = block_values(r, block, &mut buf, &per_query);
+        scatter(r, block, base, &buf, out, |x, v| x + v);
     }
-    let denom = k as f64 * nq as f64;
-    if nq > 0 {
+    let denom = k as f64 * r.num_queries() as f64;
+    if r.num_queries() > 0 {
         out.par_iter_mut().for_each(|o| *o /= denom);
     }
 }
@@ -490,6 +552,26 @@ pub fn learn_importance(
     }
     let n = r.num_items;
     check_probs("probs", v, n)?;
+    let nq = r.num_queries();
+    let span = if nq == 0 { 0 } else { r.rows[nq - 1].0 + r.rows[nq - 1].1 - r.rows[0].0 };
+    if groups.is_none() && span < n {
+        // Fewer entries than items: keep one value per entry instead of a
+        // dense gradient (the peak memory is then v plus the retrievals).
+        // The step is added entry by entry in (query, rank) order, then the
+        // touched items are clipped.
+        let denom = k as f64 * nq as f64;
+        let mut buf = Vec::new();
+        for _ in 0..epochs {
+            if nq == 0 {
+                break;
+            }
+            let all = (0, nq);
+            let base = block_values(r, all, &mut buf, &|_, ids, util, sc, row| query_gradient(ids, util, v, k, sc, row));
+            scatter(r, all, base, &buf, v, |x, g| x + learning_rate * (g / denom));
+            scatter(r, all, base, &buf, v, |x, _| x.clamp(0.0, 1.0));
+        }
+        return Ok(());
+    }
     let mut grad = vec![0.0f64; n];
     let Some((groups, step)) = groups else {
         for _ in 0..epochs {
@@ -706,6 +788,13 @@ mod tests {
         assert!(msg(Retrievals::padded(&[0, 1], &u[..1], 1, 2, 3)).starts_with("utility:"));
         assert!(msg(Retrievals::csr(&[0, 1], &u[..2], &[0, 2, 1], 3)).starts_with("indptr:"));
         assert!(msg(Retrievals::csr(&[0, -1], &u[..2], &[0, 2], 3)).contains("out of range"));
+        // A long row: the repeat is found through the hash set's probing.
+        let mut long: Vec<i64> = (0..100).map(|i| i * 1_000_003 % 7919).collect();
+        long[73] = long[5];
+        let lu = vec![0.0; 100];
+        assert!(msg(Retrievals::padded(&long, &lu, 1, 100, 7919)).contains("twice in query 0 (positions 5 and 73)"));
+        long[73] = 7918;
+        assert!(Retrievals::padded(&long, &lu, 1, 100, 7919).is_ok());
         let r = Retrievals::padded(&[0, 1], &u[..2], 1, 2, 3).unwrap();
         let mut g = vec![0.0; 3];
         let e = multilinear_gradient(&r, 1, &[0.5, 1.5, 0.0], &mut g).unwrap_err().to_string();
