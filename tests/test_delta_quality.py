@@ -22,7 +22,7 @@ PART = "statements"
 #: The recipe the ≥ 90% claim is made for: per-row α (the opt-in; one α
 #: per matrix keeps about 83%), AdamW at a relative lr of 0.2 with cosine
 #: decay, 100 steps cycling over CALIB_BATCHES batches of 8 x 128 bytes of
-#: the fine-tune's training text. Measured: 92.5%, 95.0%, 92.7% on seeds 0-2.
+#: the fine-tune's training text. Measured: 92.5%, 95.0%, 92.7%, 95.1%, 94.1% on seeds 0-4.
 DISTILL = dict(steps=100, lr=0.2, per_row=True)
 CALIB_BATCHES = 16
 
