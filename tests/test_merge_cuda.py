@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from ferrox import synthetic
-from ferrox.merge import METHODS, MergeError, load_state_dict, merge_checkpoints, merge_tensors, parse_config
+from ferrox.merge import MergeError, load_state_dict, merge_checkpoints, merge_tensors, parse_config
+from ferrox.merge.methods import GENERALIZED as METHODS  # the methods the Rust core runs
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 

@@ -2,9 +2,11 @@
 headers, merge tensor by tensor, write each at its precomputed offset, and
 publish the output folder atomically (``ferrox.output``).
 
-A CPU merge streams every float tensor through the Rust core from the input
-files to the output file and never imports torch; integer tensors are copied
-byte for byte. ``device="cuda"`` imports torch to move tensors to the GPU.
+A CPU merge by a generalized-task-arithmetic method streams every float
+tensor through the Rust core from the input files to the output file and
+never imports torch; other methods (``TensorMethod``) merge one tensor at a
+time in torch. Integer tensors are copied byte for byte. ``device="cuda"``
+imports torch to move tensors to the GPU.
 """
 
 import contextlib
@@ -100,14 +102,25 @@ def _plan(cfg: MergeConfig, inputs: List[_Inputs]) -> List[PlannedTensor]:
 
 
 def _model_card(cfg: MergeConfig, report_bytes: int) -> List[str]:
-    lines = [
-        f"Method: `{cfg.method.name}` ({cfg.method.reference}), granularity `{cfg.granularity}`, "
-        f"normalize={cfg.normalize}, rescale={cfg.rescale}, lambda={cfg.lam}, seed={cfg.seed}.", "",
-        f"Base model: `{cfg.base}`" if cfg.merge_base else
-        f"No base model (`{cfg.base}` is one of the models and donates config.json)." if cfg.base else
-        "No base model.", "", "Models:",
-    ]
-    lines += [f"- `{m.path}`: " + ", ".join(f"{k}={v}" for k, v in m.params.items()) for m in cfg.models]
+    if cfg.method.in_core:
+        lines = [
+            f"Method: `{cfg.method.name}` ({cfg.method.reference}), granularity `{cfg.granularity}`, "
+            f"normalize={cfg.normalize}, rescale={cfg.rescale}, lambda={cfg.lam}, seed={cfg.seed}.", "",
+            f"Base model: `{cfg.base}`" if cfg.merge_base else
+            f"No base model (`{cfg.base}` is one of the models and donates config.json)." if cfg.base else
+            "No base model.", "", "Models:",
+        ]
+    else:
+        shared = ", ".join(f"{k}={v}" for k, v in cfg.params.items()) or "none"
+        base = cfg.models[cfg.base_index].path if cfg.base_index is not None else None
+        lines = [
+            f"Method: `{cfg.method.name}` ({cfg.method.reference}), parameters: {shared}.", "",
+            f"Base model: `{base}`" if base else
+            f"No base model (`{cfg.base}` is one of the models and donates config.json)." if cfg.base else
+            "No base model.", "", "Models:",
+        ]
+    lines += [f"- `{m.path}`" + (" (base)" if m.is_base else "") + ": "
+              + ", ".join(f"{k}={v}" for k, v in m.params.items()) for m in cfg.models]
     lines += ["", f"Weights: {ckpt.human_bytes(report_bytes)}. The resolved config is in `ferrox_config.yml`; "
               f"the fraction of weights each tensor's merge changed is in `ferrox_report.json`."]
     return lines
@@ -127,7 +140,7 @@ def _naming_tensor(cfg: MergeConfig, p, paths, allow_nonfinite: bool):
         yield
     except ValueError as e:
         msg = str(e).replace("models[", "model[")
-        if allow_nonfinite and "NaN" in msg and cfg.method.sparsify in ("magnitude", "band"):
+        if allow_nonfinite and "NaN" in msg and getattr(cfg.method, "sparsify", None) in ("magnitude", "band"):
             msg += (f"; {cfg.method.name} ranks |delta| and a NaN has no rank, so --allow-nonfinite "
                     f"cannot cover it (it covers methods that do not rank: linear, task_arithmetic, dare_*)")
         raise MergeError(f"tensor {p.name!r}: {msg} (inputs: {', '.join(paths)})") from None
@@ -185,6 +198,40 @@ def _merge_on_device(cfg: MergeConfig, p, inputs, entries, writer, allow_nonfini
     return changed
 
 
+def _check_finite(tensors) -> None:
+    import torch
+
+    for i, x in enumerate(tensors):
+        bad = ~torch.isfinite(x)
+        if bool(bad.any()):
+            j = int(bad.reshape(-1).nonzero()[0])
+            raise ValueError(f"models[{i}]: non-finite value {float(x.reshape(-1)[j])} at flat index {j}")
+
+
+def _merge_torch(cfg: MergeConfig, p, inputs, entries, writer, allow_nonfinite: bool, paths, device) -> int:
+    """Merges one float tensor by a torch method (``TensorMethod``): one
+    tensor of each input read, cast to the compute dtype (mergekit's cast on
+    load), merged in float32 (on ``device`` when given), cast to the output
+    dtype and written. Memory: this one tensor's inputs and temporaries."""
+    import torch
+
+    compute = dtypes.to_torch(_compute_dtype(cfg, entries))
+    tensors = []
+    for inp, e in zip(inputs, entries):
+        x = inp.load(e).to(compute)
+        tensors.append(x if device is None else x.to(device))
+    shared, per_model = cfg.tensor_params(p.name)
+    with _naming_tensor(cfg, p, paths, allow_nonfinite):
+        if not allow_nonfinite:
+            _check_finite(tensors)
+        result = cfg.method.merge(tensors, cfg.base_index, shared, per_model)
+    out = result.to(dtypes.to_torch(p.dtype))
+    ref = tensors[cfg.base_index or 0]
+    changed = int(torch.count_nonzero(out != ref.to(out.dtype)))
+    writer.write(p.name, out.cpu())
+    return changed
+
+
 def parse_device(device: str):
     """``None`` for ``"cpu"``, else the torch device (checked to exist)."""
     if device == "cpu":
@@ -228,7 +275,12 @@ def merge_checkpoints(cfg: MergeConfig, out: str, *, force: bool = False, max_sh
                       chunk_bytes: int = CHUNK_BYTES, device: str = "cpu", fsync: bool = True) -> MergeReport:
     """Runs a merge config and writes the merged model to ``out``.
 
-    On the CPU each tensor is merged by the Rust core straight from the input
+    A method outside generalized task arithmetic (slerp, model_stock, ...)
+    is a torch function per tensor: one tensor of each input is read, merged
+    in float32 and written before the next, so memory is bounded by the
+    largest tensor's inputs, not the model's size.
+
+    On the CPU each tensor of a GTA method is merged by the Rust core straight from the input
     files, chunk by chunk (positioned reads into reusable buffers of about
     ``chunk_bytes`` in all), and written at its precomputed offset in the
     output, so memory stays bounded whatever the model's size; torch is not
@@ -255,7 +307,9 @@ def merge_checkpoints(cfg: MergeConfig, out: str, *, force: bool = False, max_sh
         raise MergeError(f"max_shard_bytes: expected a byte count >= 0 (0: one shard), got {max_shard_bytes!r}")
     paths = ([cfg.merge_base] if cfg.merge_base else []) + [m.path for m in cfg.models]
     inputs = [_Inputs(p) for p in paths]
-    planned = _plan(cfg, inputs)
+    # The reference model (tensor order, default dtypes, integer buffers): the base, else the first model.
+    ref = 0 if cfg.method.in_core else (cfg.base_index or 0)
+    planned = _plan(cfg, [inputs[ref]] + inputs[:ref] + inputs[ref + 1:])
     if max_shard_bytes == 0:  # mergekit's "no limit"
         max_shard_bytes = sum(p.nbytes for p in planned) + 1
     density, merged, copied = {}, 0, 0
@@ -268,11 +322,13 @@ def merge_checkpoints(cfg: MergeConfig, out: str, *, force: bool = False, max_sh
         with bar:
             for p in planned:
                 entries = [i.entry(p.name) for i in inputs]
-                if entries[0].dtype not in dtypes.KERNEL_FLOATS:
-                    writer.copy(p.name, entries[0])  # integer buffers: the reference model's, bit for bit
+                if entries[ref].dtype not in dtypes.KERNEL_FLOATS:
+                    writer.copy(p.name, entries[ref])  # integer buffers: the reference model's, bit for bit
                     copied += 1
                 else:
-                    if gpu is not None:
+                    if not cfg.method.in_core:
+                        changed = _merge_torch(cfg, p, inputs, entries, writer, allow_nonfinite, paths, gpu)
+                    elif gpu is not None:
                         changed = _merge_on_device(cfg, p, inputs, entries, writer, allow_nonfinite, paths, gpu)
                     else:
                         changed = _merge_one(cfg, p, entries, writer, allow_nonfinite, chunk_bytes, paths)

@@ -9,27 +9,25 @@ outliers dropped first (the paper's γ, ``outlier_frac``). ferrox also reads
 ranks per tensor; the Breadcrumbs paper's code per row).
 """
 
-import math
 import os
 import stat
-import struct
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import yaml
 
 from .. import dtypes
 from .methods import MergeMethod, get_method
+from .methods.base import F32_MAX  # noqa: F401 (re-exported)
+from .methods.base import _kind, check_choice, check_flag, check_integer, check_number
 
 TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "name"}
 REFUSED_TOP = {"slices", "tokenizer_source", "tokenizer", "chat_template", "modules", "architecture"}
 MODEL_KEYS = {"model", "parameters"}
-GLOBAL_PARAMS = {"normalize", "rescale", "lambda", "granularity", "seed", "int8_mask"}
 REFUSED_PARAMS = {"epsilon"}
+#: ferrox's names for mergekit's (read where the method has the mergekit name)
 ALIASES = {"keep_frac": "density", "outlier_frac": "gamma"}
-PER_MODEL = {"weight", "density", "gamma"}
 DTYPES = {dtypes.get(name).torch_name for name in dtypes.KERNEL_FLOATS}  # mergekit's names
-
 
 class ConfigError(ValueError):
     """A merge config that ferrox cannot run as written."""
@@ -38,33 +36,62 @@ class ConfigError(ValueError):
 @dataclass
 class ModelEntry:
     path: str
-    params: Dict[str, float] = field(default_factory=dict)
+    #: the per-model parameters as given (checked; defaults are the method's)
+    params: Dict[str, Any] = field(default_factory=dict)
+    #: the input a method with a base policy "required"/"optional" treats as its base
+    is_base: bool = False
 
 
 @dataclass
 class MergeConfig:
     method: MergeMethod
     base: Optional[str]
+    #: the inputs in mergekit's order: the listed models, then base_model when
+    #: unlisted (except for methods that take task vectors from it)
     models: List[ModelEntry]
-    normalize: bool
-    rescale: bool
-    lam: float
-    granularity: str
-    seed: int
+    #: the method's global parameters, every default filled in
+    params: Dict[str, Any]
     dtype: Optional[str]
     out_dtype: Optional[str]
     source: dict
-    #: mergekit's TIES mask dtype switch: read and checked, no numerical effect
-    int8_mask: bool = False
     #: the YAML file it was read from (an input the output may not overwrite)
     config_path: Optional[str] = None
 
+    # Generalized task arithmetic's global parameters, by their old names.
+    normalize = property(lambda self: self.params.get("normalize", False))
+    rescale = property(lambda self: self.params.get("rescale", False))
+    lam = property(lambda self: self.params.get("lambda", 1.0))
+    granularity = property(lambda self: self.params.get("granularity", "tensor"))
+    int8_mask = property(lambda self: self.params.get("int8_mask", False))
+
+    @property
+    def seed(self) -> int:
+        return self.params.get("seed", 0)
+
+    @seed.setter
+    def seed(self, value: int) -> None:
+        if self.method.param("seed") is not None:  # deterministic methods have no seed to set
+            self.params["seed"] = value
+
     @property
     def merge_base(self) -> Optional[str]:
-        """The model task vectors are taken from: the base of a method that
-        reads one. linear ignores a base as a base (mergekit's contract); its
-        base_model is one of ``models`` and only donates config/tokenizer."""
-        return self.base if self.method.needs_base else None
+        """The model task vectors are taken from outside the inputs: the base of
+        a GTA method that reads one. linear ignores a base as a base (mergekit's
+        contract); its base_model is one of ``models`` and only donates
+        config/tokenizer. A torch method's base is one of ``models`` too
+        (``is_base``)."""
+        return self.base if self.method.base_policy == "origin" else None
+
+    @property
+    def base_index(self) -> Optional[int]:
+        """Position of the base among ``models`` (torch methods), else None."""
+        return next((i for i, m in enumerate(self.models) if m.is_base), None)
+
+    def tensor_params(self, tensor_name: str) -> Tuple[Dict[str, Any], List[Dict[str, Any]]]:
+        """The global parameters and each non-base model's per-model ones for
+        one tensor. Constant today; where gradients and filters will resolve
+        a value per tensor name (as mergekit does)."""
+        return self.params, [m.params for m in self.models if not m.is_base]
 
     def resolved(self) -> dict:
         """The config with every default filled in (written as provenance)."""
@@ -72,8 +99,7 @@ class MergeConfig:
             "merge_method": self.method.name,
             "base_model": self.base,
             "models": [{"model": m.path, "parameters": dict(m.params)} for m in self.models],
-            "parameters": {"normalize": self.normalize, "rescale": self.rescale, "lambda": self.lam,
-                           "granularity": self.granularity, "seed": self.seed, "int8_mask": self.int8_mask},
+            "parameters": dict(self.params),
             "dtype": self.dtype,
             "out_dtype": self.out_dtype,
         }
@@ -87,69 +113,47 @@ def _scalar(where: str, key: str, value):
     return value
 
 
-F32_MAX = 3.4028234663852886e38
-
-
-def _kind(value) -> str:
-    return "a string" if isinstance(value, str) else type(value).__name__
+def _config_error(fn, *args):
+    try:
+        return fn(*args)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _number(where: str, key: str, value) -> float:
-    """A finite real number (YAML int or float; not a bool or a string)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"{where}: {key} must be a number, got {value!r} ({_kind(value)})")
-    try:
-        v = float(value)
-    except OverflowError:
-        raise ConfigError(f"{where}: {key} must be a finite number, got {value!r}") from None
-    if not math.isfinite(v):
-        raise ConfigError(f"{where}: {key} must be a finite number, got {value!r}")
-    if abs(v) > F32_MAX:  # the merge computes in float32: this would be inf there
-        raise ConfigError(f"{where}: {key} must be a finite number within float32's range, got {value!r}")
-    return v
-
-
-def _fraction(where: str, key: str, value) -> float:
-    v = _number(where, key, value)
-    if not 0.0 <= v <= 1.0:
-        raise ConfigError(f"{where}: {key} must be a fraction in [0, 1], got {value!r}")
-    return v
+    return _config_error(check_number, where, key, value)
 
 
 def _flag(where: str, key: str, value) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(f"{where}: {key} must be true or false, got {value!r} ({_kind(value)})")
-    return value
+    return _config_error(check_flag, where, key, value)
 
 
 def _seed(where: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{where}: seed must be an integer, got {value!r} ({_kind(value)})")
-    if not 0 <= value < 2**64:
-        raise ConfigError(f"{where}: seed must be in [0, 2**64), got {value}")
-    return value
+    return _config_error(check_integer, where, "seed", value, 0, 2**64)
 
 
 def _choice(where: str, key: str, value, allowed) -> str:
-    if not isinstance(value, str) or value not in allowed:
-        raise ConfigError(f"{where}: {key} must be one of {sorted(allowed)}, got {value!r}")
-    return value
+    return _config_error(check_choice, where, key, value, allowed)
 
 
-def _params(where: str, raw, allowed) -> dict:
+def _params(where: str, raw, method: MergeMethod) -> dict:
+    """A parameters mapping: names checked against the method's declared
+    parameters (ferrox's aliases read), values scalars (not checked yet)."""
     if raw is None:
         return {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: parameters must be a mapping, got {_kind(raw)}")
+    known = {p.name for p in method.params}
     out = {}
     for key, value in raw.items():
         if not isinstance(key, str):
             raise ConfigError(f"{where}: parameter names must be strings, got {key!r}")
         if key in REFUSED_PARAMS:
             raise ConfigError(f"{where}: parameter {key!r} is not supported by ferrox yet")
-        key = ALIASES.get(key, key)
-        if key not in allowed:
-            raise ConfigError(f"{where}: unknown parameter {key!r} (known: {sorted(allowed)})")
+        if ALIASES.get(key) in known:
+            key = ALIASES[key]
+        if key not in known:
+            raise ConfigError(f"{where}: unknown parameter {key!r} for {method.name} (known: {sorted(known)})")
         out[key] = _scalar(where, key, value)
     return out
 
@@ -166,25 +170,11 @@ def _local_path(where: str, path, config_dir: Optional[str]) -> str:
     return os.path.realpath(full)
 
 
-def _f32(x: float) -> float:
-    try:
-        return struct.unpack("f", struct.pack("f", x))[0]
-    except OverflowError:  # beyond float32's range: what the core's sum would be
-        return math.copysign(math.inf, x)
-
-
-def _f32_sum(values) -> float:
-    """The weights' sum as the Rust core folds it (float32, in order)."""
-    total = 0.0
-    for v in values:
-        total = _f32(total + _f32(v))
-    return total
-
-
 def parse_config(raw: dict, config_dir: Optional[str] = None) -> MergeConfig:
     """A checked ``MergeConfig``. Relative model paths are resolved from
     ``config_dir``, by default the current directory (as mergekit does; not
-    the config file's folder)."""
+    the config file's folder). Parameters are checked against the method's
+    declarations in the registry (``MergeMethod.params``)."""
     if not isinstance(raw, dict):
         raise ConfigError("config: expected a YAML mapping at the top level")
     for key in raw:
@@ -198,15 +188,12 @@ def parse_config(raw: dict, config_dir: Optional[str] = None) -> MergeConfig:
         raise ConfigError(f"config: merge_method must be a method name, got {raw['merge_method']!r}")
     if "name" in raw and not isinstance(raw["name"], str):
         raise ConfigError(f"config: name must be a string, got {raw['name']!r}")
-    try:
-        method = get_method(raw["merge_method"])
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    method = _config_error(get_method, raw["merge_method"])
     dtype, out_dtype = raw.get("dtype"), raw.get("out_dtype")
     for key, value in (("dtype", dtype), ("out_dtype", out_dtype)):
         if value is not None:
             _choice("config", key, value, DTYPES)
-    glob = _params("parameters", raw.get("parameters"), GLOBAL_PARAMS | PER_MODEL | set(ALIASES))
+    glob = _params("parameters", raw.get("parameters"), method)
     base = raw.get("base_model")
     if method.needs_base and not base:
         raise ConfigError(f"config: merge_method {method.name!r} needs base_model")
@@ -228,47 +215,58 @@ def parse_config(raw: dict, config_dir: Optional[str] = None) -> MergeConfig:
                 raise ConfigError(f"{where}.model: {e['model']!r} is the same model as models[{j}] "
                                   f"({other}); mergekit refuses duplicate merge inputs, list each model once")
         raw_models.append((where, path, e.get("parameters")))
+    policy = method.base_policy
     base_listed = base is not None and any(os.path.samefile(p, base) for _, p, _ in raw_models)
-    if base and not method.needs_base and not base_listed:
+    if base and policy != "origin" and not base_listed:
         # mergekit adds an unlisted base_model to the inputs, last, with the global parameters.
         raw_models.append(("base_model", base, None))
+    per_model = [p for p in method.params if p.per_model]
+    glob_model = {k: v for k, v in glob.items() if method.param(k).per_model}
     models = []
     for where, path, model_params in raw_models:
-        params = {k: v for k, v in glob.items() if k in PER_MODEL}
-        params.update(_params(where, model_params, PER_MODEL))
-        if method.needs_base and base and os.path.samefile(path, base):
+        given = _params(where, model_params, method)
+        is_base = base is not None and os.path.samefile(path, base)
+        if is_base and policy == "origin":
             continue  # mergekit lets the base appear among the models; it carries no delta
-        if "weight" not in params:
-            if where == "base_model":
+        if is_base and policy in ("required", "optional"):
+            if given:
+                raise ConfigError(f"{where}: parameter {sorted(given)[0]!r} does not apply to the base model of "
+                                  f"{method.name} (mergekit reads per-model parameters of the other models only)")
+            models.append(ModelEntry(path, {}, is_base=True))
+            continue
+        for key in given:
+            if not method.param(key).per_model:
+                raise ConfigError(f"{where}: parameter {key!r} of {method.name} is global; set it under the "
+                                  f"top-level parameters")
+        params = dict(glob_model)
+        params.update(given)
+        for p in per_model:
+            if p.name in params:
+                params[p.name] = _config_error(p.check, where, params[p.name])
+            elif p.required and where == "base_model":
                 raise ConfigError(f"base_model: {method.name} merges its base_model as one more input (as mergekit "
-                                  f"does), so it needs a weight: list it under models with one, or set a global "
-                                  f"weight under parameters")
-            raise ConfigError(f"{where}: parameter 'weight' is required for {method.name}")
-        params["weight"] = _number(where, "weight", params["weight"])
-        for key in ("density", "gamma"):
-            if key in params:
-                params[key] = _fraction(where, key, params[key])
+                                  f"does), so it needs a {p.name}: list it under models with one, or set a global "
+                                  f"{p.name} under parameters")
+            elif p.required:
+                raise ConfigError(f"{where}: parameter {p.name!r} is required for {method.name}")
         models.append(ModelEntry(path, params))
-    if not models:
+    if not any(not m.is_base for m in models):
         raise ConfigError("config: no models besides the base model")
-    normalize = _flag("parameters", "normalize", glob.get("normalize", method.normalize))
-    if normalize and not method.needs_base:
-        weights = [m.params["weight"] for m in models]
-        total = _f32_sum(weights)
-        # The core would fall back to dividing by 1 here, mergekit to dividing by ~0 (inf/NaN): neither is a merge.
-        if abs(total) < 1e-8:
-            raise ConfigError(f"parameters: {method.name} with normalize: true divides by the sum of the weights, "
-                              f"and the weights {weights} sum to {total:g}; set normalize: false or change the weights")
-    granularity = _choice("parameters", "granularity", glob.get("granularity", "tensor"), {"tensor", "row"})
-    return MergeConfig(
-        method=method, base=base, models=models,
-        normalize=normalize,
-        rescale=_flag("parameters", "rescale", glob.get("rescale", method.rescale)),
-        lam=_number("parameters", "lambda", glob.get("lambda", 1.0)),
-        granularity=granularity, seed=_seed("parameters", glob.get("seed", 0)),
-        dtype=dtype, out_dtype=out_dtype, source=raw,
-        int8_mask=_flag("parameters", "int8_mask", glob.get("int8_mask", False)),
-    )
+    _config_error(method.check_inputs, len(models), any(m.is_base for m in models))
+    shared = {}
+    for p in method.params:
+        if p.per_model:
+            continue
+        if p.name in glob:
+            shared[p.name] = _config_error(p.check, "parameters", glob[p.name])
+        elif p.required:
+            raise ConfigError(f"parameters: parameter {p.name!r} is required for {method.name}")
+        else:
+            shared[p.name] = p.default
+    defaults = [{p.name: m.params.get(p.name, p.default) for p in per_model} for m in models if not m.is_base]
+    _config_error(method.check_params, shared, defaults)
+    return MergeConfig(method=method, base=base, models=models, params=shared,
+                       dtype=dtype, out_dtype=out_dtype, source=raw)
 
 
 #: Larger config files are refused (a merge config is a few KiB).

@@ -6,7 +6,7 @@ import torch
 
 from .. import _checks, _core
 from ..cuda import stream_of
-from .methods import MergeMethod, get_method
+from .methods import GeneralizedTaskArithmetic, MergeMethod, get_method
 from .terms import GRANULARITIES, SPARSIFIERS, merge_terms, rng_stream, row_length  # noqa: F401
 
 
@@ -27,6 +27,7 @@ def merge_tensors(
     check_finite: bool = True,
     out: Optional[torch.Tensor] = None,
     chunk_len: int = 0,
+    **params,
 ) -> torch.Tensor:
     """Merges one tensor of several fine-tuned models.
 
@@ -41,8 +42,22 @@ def merge_tensors(
     streamed, never the result. CUDA tensors merge in ferrox's kernels on
     torch's current stream, bitwise the CPU result (per tensor or per row),
     with their scratch taken from torch's allocator.
+
+    Methods outside generalized task arithmetic (``slerp``, ``nuslerp``,
+    ``multislerp``, ``karcher``, ``nearswap``, ``model_stock``) take their
+    global parameters as keywords (``t=0.3``, ``filter_wise=True``; mergekit's
+    defaults otherwise) and ``weight`` per model where they read one. Their
+    inputs are ``base`` (when given) then ``models``; they compute in float32
+    and return the inputs' dtype (``out``, when given, receives the result).
     """
     m: MergeMethod = method if isinstance(method, MergeMethod) else get_method(method)
+    if not m.in_core:
+        return _merge_torch(m, base, list(models), weight=weight, check_finite=check_finite, out=out,
+                            unused=dict(density=density, gamma=gamma, lam=lam, normalize=normalize, rescale=rescale,
+                                        granularity=granularity, seed=seed, chunk_len=chunk_len), params=params)
+    if params:
+        raise ValueError(f"{sorted(params)[0]}: not a parameter of {m.name} (it reads weight, density, gamma, "
+                         f"lam, normalize, rescale, granularity, seed)")
     models = list(models)
     if not models:
         raise ValueError("models: expected at least one model, got none")
@@ -65,6 +80,46 @@ def merge_tensors(
         m.rescale if rescale is None else bool(rescale),
         float(lam), row_len, check_finite, chunk_len, stream_of(base),
     )
+    return out
+
+
+_GTA_DEFAULTS = dict(density=None, gamma=None, lam=1.0, normalize=None, rescale=None, granularity="tensor", seed=0,
+                    chunk_len=0)
+
+
+def _merge_torch(m, base, models, *, weight, check_finite, out, unused, params):
+    if not models:
+        raise ValueError("models: expected at least one model, got none")
+    for key, value in unused.items():
+        if value != _GTA_DEFAULTS[key]:
+            raise ValueError(f"{key}: {m.name} does not read {key} (its parameters: "
+                             f"{[p.name for p in m.params]})")
+    tensors = ([] if base is None else [_checks.tensor("base", base)])
+    tensors += [_checks.tensor(f"models[{i}]", t) for i, t in enumerate(models)]
+    names = ([] if base is None else ["base"]) + [f"models[{i}]" for i in range(len(models))]
+    if check_finite:
+        for name, t in zip(names, tensors):
+            bad = ~torch.isfinite(t)
+            if bool(bad.any()):
+                j = int(bad.reshape(-1).nonzero()[0])
+                raise ValueError(f"{name}: non-finite value {float(t.reshape(-1)[j])} at flat index {j}")
+    base_index = None if base is None or m.base_policy == "input" else 0
+    n_other = len(tensors) - (base_index is not None)
+    if "weight" in m.model_params:
+        if weight is None:
+            raise ValueError(f"weight: {m.name} needs a weight per model")
+        weights = [weight] * n_other if isinstance(weight, (int, float)) else list(weight)
+        if len(weights) != n_other:
+            raise ValueError(f"weight: expected {n_other} values (one per model), got {len(weights)}")
+        per_model = [{"weight": w} for w in weights]
+    elif weight is not None:
+        raise ValueError(f"weight: {m.name} does not read per-model weights")
+    else:
+        per_model = [{} for _ in range(n_other)]
+    result = m.merge(tensors, base_index, params, per_model).to(tensors[0].dtype)
+    if out is None:
+        return result
+    out.copy_(result)
     return out
 
 
@@ -93,7 +148,7 @@ def sparsify(
         raise ValueError(f"kind: expected one of {SPARSIFIERS}, got {kind!r}")
     _checks.tensor("tau", tau)
     # A one-model task arithmetic over a zero base is exactly the sparsified τ.
-    m = MergeMethod(f"sparsify_{kind}", kind, consensus=False, normalize=False, rescale=rescale, needs_base=False,
+    m = GeneralizedTaskArithmetic(f"sparsify_{kind}", kind, consensus=False, normalize=False, rescale=rescale, needs_base=False,
                     model_params=("density", "gamma"), reference="")
     return merge_tensors(m, None, [tau], weight=1.0, density=density, gamma=gamma, granularity=granularity,
                          seed=seed, tensor_name=tensor_name)
