@@ -1,6 +1,7 @@
 """``ferrox merge CONFIG OUT``: runs a mergekit-style YAML merge config,
-streaming every tensor from the input files to the output through the Rust
-core (torch is imported only for ``--device cuda``)."""
+streaming every tensor from the input files to the output, through the Rust
+core for generalized task arithmetic (torch is imported only for
+``--device cuda``) and one tensor at a time in torch for the other methods."""
 
 import argparse
 
@@ -23,7 +24,10 @@ def shard_size(text: str) -> int:
 
 def add_parser(sub, parent=None):
     p = _common.add_command(sub, "merge", run, "merge checkpoints from a mergekit-style YAML config")
-    p.add_argument("config", help="YAML config (mergekit's keys, plus keep_frac/outlier_frac/granularity/seed)")
+    from ..merge.methods import METHODS  # the registry (no torch import)
+
+    p.add_argument("config", help="YAML config (mergekit's keys, plus keep_frac/outlier_frac/granularity/seed); "
+                                  f"merge_method: {', '.join(sorted(METHODS))}")
     _common.add_output_options(p)
     p.add_argument("--cuda", action="store_true", help="same as --device cuda (mergekit's flag)")
     p.add_argument("--random-seed", type=int, help="seed for DARE masks (overrides the config's seed)")

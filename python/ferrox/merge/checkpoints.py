@@ -198,14 +198,14 @@ def _merge_on_device(cfg: MergeConfig, p, inputs, entries, writer, allow_nonfini
     return changed
 
 
-def _check_finite(tensors) -> None:
+def _check_finite(tensors, paths) -> None:
     import torch
 
-    for i, x in enumerate(tensors):
+    for i, (x, path) in enumerate(zip(tensors, paths)):
         bad = ~torch.isfinite(x)
         if bool(bad.any()):
             j = int(bad.reshape(-1).nonzero()[0])
-            raise ValueError(f"models[{i}]: non-finite value {float(x.reshape(-1)[j])} at flat index {j}")
+            raise ValueError(f"models[{i}] ({path}): non-finite value {float(x.reshape(-1)[j])} at flat index {j}")
 
 
 def _merge_torch(cfg: MergeConfig, p, inputs, entries, writer, allow_nonfinite: bool, paths, device) -> int:
@@ -223,7 +223,7 @@ def _merge_torch(cfg: MergeConfig, p, inputs, entries, writer, allow_nonfinite: 
     shared, per_model = cfg.tensor_params(p.name)
     with _naming_tensor(cfg, p, paths, allow_nonfinite):
         if not allow_nonfinite:
-            _check_finite(tensors)
+            _check_finite(tensors, paths)
         result = cfg.method.merge(tensors, cfg.base_index, shared, per_model)
     out = result.to(dtypes.to_torch(p.dtype))
     ref = tensors[cfg.base_index or 0]
