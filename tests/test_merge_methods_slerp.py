@@ -61,6 +61,17 @@ def test_bitwise_parity_with_mergekit_in_f32(models, tmp_path, case):
     assert changed, "the merge changed nothing: the comparison would be vacuous"
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_slerp_of_half_inputs_is_bitwise_mergekit(tmp_path, dtype):
+    """mergekit's slerp also computes in f32 and rounds once to the input
+    dtype, so half-precision slerp merges agree bit for bit too (its other
+    methods here compute in the input dtype, rounding every step; ferrox
+    computes those in f32, so they differ by a few half ulps)."""
+    base, fts = make_models(tmp_path / "half", n_fine_tunes=1, dtype=dtype)
+    raw = config("slerp", base, [fts[0]], {"t": 0.6})
+    assert_bitwise(fx_merge(raw, tmp_path / "fx"), run_mergekit(raw, tmp_path / "mk"))
+
+
 def test_slerp_chunked_norms_and_edge_vectors_match_mergekit():
     """mergekit takes norms and the dot over 2**20-element chunks; a tensor
     over that size, colinear, antipodal and zero inputs give its bits."""

@@ -126,11 +126,12 @@ def _model_card(cfg: MergeConfig, report_bytes: int) -> List[str]:
     return lines
 
 
-def _per_model_params(cfg: MergeConfig) -> dict:
-    """weight/density/gamma lists in model order (mergekit's defaults)."""
-    return dict(weight=[m.params["weight"] for m in cfg.models],
-                density=[m.params.get("density", 1.0) for m in cfg.models],
-                gamma=[m.params.get("gamma", 0.01) for m in cfg.models])
+def _per_model_params(cfg: MergeConfig, tensor_name: str) -> dict:
+    """weight/density/gamma lists in model order for one tensor (mergekit's defaults)."""
+    _, per_model = cfg.tensor_params(tensor_name)
+    return dict(weight=[m["weight"] for m in per_model],
+                density=[m.get("density", 1.0) for m in per_model],
+                gamma=[m.get("gamma", 0.01) for m in per_model])
 
 
 @contextlib.contextmanager
@@ -164,7 +165,7 @@ def _merge_one(cfg: MergeConfig, p, entries, writer, allow_nonfinite: bool, chun
     compute = _compute_dtype(cfg, entries)  # the core converts each input from its file's dtype
     width = dtypes.itemsize(compute) * (len(entries) + 1) + dtypes.itemsize(p.dtype)
     weights, sparsify = merge_terms(cfg.method, len(models), seed=cfg.seed, tensor_name=p.name,
-                                    **_per_model_params(cfg))
+                                    **_per_model_params(cfg, p.name))
     path, offset, _ = writer.where[p.name]
     locate = lambda e: (e.file, e.data_start, e.dtype)  # noqa: E731
     with _naming_tensor(cfg, p, paths, allow_nonfinite):
@@ -190,7 +191,7 @@ def _merge_on_device(cfg: MergeConfig, p, inputs, entries, writer, allow_nonfini
         result = merge_tensors(
             cfg.method, base, models, lam=cfg.lam, normalize=cfg.normalize, rescale=cfg.rescale,
             granularity=cfg.granularity, seed=cfg.seed, tensor_name=p.name,
-            check_finite=not allow_nonfinite, **_per_model_params(cfg),
+            check_finite=not allow_nonfinite, **_per_model_params(cfg, p.name),
         )
     ref = base if base is not None else models[0]
     changed = int(torch.count_nonzero(result != ref))
