@@ -437,3 +437,17 @@ def test_cuda_multi_tenant_matches_cpu_bitwise(dtype):
     assert torch.equal(got.cpu().view(INTS[dtype]), want.view(INTS[dtype]))
     with pytest.raises(ValueError, match="adapter_ids: expected fine-tune indices in"):
         _core.delta_matmul_multi(x.cuda(), signs.cuda(), alphas.cuda(), (ids + 1).cuda(), got, stream=stream)
+
+
+def test_alpha_of_one_tenant_may_be_a_one_element_tensor():
+    """alphas [1] for a single tenant is a tensor, not a number (torch
+    converts one-element tensors to float); 0-d tensors and numpy scalars are
+    numbers."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 40, generator=g)
+    signs = torch.randint(0, 256, (1, 9, 5), dtype=torch.uint8, generator=g)
+    y1, y2, y3 = (torch.zeros(2, 9) for _ in range(3))
+    _core.delta_matmul_multi(x, signs, torch.tensor([0.25]), torch.zeros(2, dtype=torch.int64), y1)
+    _core.delta_matmul(x, signs[0], torch.tensor(0.25), y2)
+    _core.delta_matmul(x, signs[0], np.float32(0.25), y3)
+    assert torch.equal(y1, y2) and torch.equal(y2, y3)

@@ -147,8 +147,16 @@ enum PyAlpha<'py> {
 }
 
 fn read_alpha<'py>(obj: &Bound<'py, PyAny>) -> PyResult<PyAlpha<'py>> {
-    if let Ok(v) = obj.extract::<f64>() {
-        return Ok(PyAlpha::Scalar(v));
+    // A one-element tensor [1] converts to float too, but it is a tensor
+    // (alphas of a single tenant); only numbers and 0-d tensors are scalars.
+    let zero_dim = match obj.getattr("shape") {
+        Ok(shape) => shape.len()? == 0,
+        Err(_) => true,
+    };
+    if zero_dim {
+        if let Ok(v) = obj.extract::<f64>() {
+            return Ok(PyAlpha::Scalar(v));
+        }
     }
     Ok(PyAlpha::Tensor(Tensor::input("alpha", obj)?))
 }
