@@ -40,7 +40,7 @@ def storage_row(label, base, ft):
     return {"model": label, "matrices": s["compressed_matrices"], "delta_bytes": s["delta_bytes"],
             "fp16_delta_bytes": s["fp16_delta_bytes"], "ratio_vs_fp16_delta": s["ratio_vs_fp16_delta"],
             "folder_bytes": s["folder_tensor_bytes"], "fp16_model_bytes": s["fp16_model_bytes"],
-            "folder_vs_fp16_model": s["ratio_vs_fp16_model"], "compress_seconds": round(time.perf_counter() - start, 2)}
+            "fp16_model_over_folder": s["ratio_vs_fp16_model"], "compress_seconds": round(time.perf_counter() - start, 2)}
 
 
 def tiny_gpt_rows(seeds):
