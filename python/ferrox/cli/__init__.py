@@ -6,6 +6,7 @@
     ferrox inspect [PATH]            tensors of a checkpoint, and a ferrox output's report
     ferrox merge CONFIG OUT          a mergekit-style merge, streamed from disk
     ferrox compress bitdelta ...     a fine-tune as 1-bit deltas of its base
+    ferrox extract lora ...          a fine-tune's task vectors as a PEFT LoRA adapter
     ferrox restore D --out M         the dense model back from a compressed folder
 
 Shared pieces (output options, error mapping, escaping) live in
@@ -18,9 +19,9 @@ import argparse
 import sys
 
 from .. import __version__
-from . import _common, compress, doctor, inspect, merge, restore
+from . import _common, compress, doctor, extract, inspect, merge, restore
 
-COMMANDS = (doctor, inspect, merge, compress, restore)
+COMMANDS = (doctor, inspect, merge, compress, extract, restore)
 
 
 def build_parser(commands=COMMANDS) -> argparse.ArgumentParser:
