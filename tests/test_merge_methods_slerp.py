@@ -246,7 +246,7 @@ def test_half_precision_inputs_merge_in_f32_then_round_once(tmp_path, dtype):
     (lambda c: c["parameters"].update(t=-0.1), "t must be in [0, 1]"),
     (lambda c: c["parameters"].update(t="half"), "t must be a number, got 'half'"),
     (lambda c: c["parameters"].pop("t"), "parameter 't' is required for slerp"),
-    (lambda c: c["parameters"].update(t=[0, 0.5, 1]), "gradient list"),
+    (lambda c: c["parameters"].update(t=[0, 1.5]), "parameters: t must be in [0, 1], got 1.5"),
     (lambda c: c["parameters"].update(density=0.5), "unknown parameter 'density' for slerp (known: ['t'])"),
     (lambda c: c.pop("base_model"), "merge_method 'slerp' needs base_model"),
     (lambda c: c["models"].append({"model": c["extra"]}), "merges exactly 2 inputs"),

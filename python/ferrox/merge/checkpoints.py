@@ -22,6 +22,7 @@ from .. import _core, dtypes
 from .. import checkpoint as ckpt
 from ..output import OutputFolder, PlannedTensor
 from .config import MergeConfig
+from .settings import layer_index
 from .terms import merge_terms, row_length
 
 #: Working memory of a streamed tensor merge (all inputs' chunk buffers plus
@@ -126,12 +127,13 @@ def _model_card(cfg: MergeConfig, report_bytes: int) -> List[str]:
     return lines
 
 
-def _per_model_params(cfg: MergeConfig, tensor_name: str) -> dict:
-    """weight/density/gamma lists in model order for one tensor (mergekit's defaults)."""
-    _, per_model = cfg.tensor_params(tensor_name)
-    return dict(weight=[m["weight"] for m in per_model],
-                density=[m.get("density", 1.0) for m in per_model],
-                gamma=[m.get("gamma", 0.01) for m in per_model])
+def _gta_params(cfg: MergeConfig, tensor_name: str):
+    """(shared parameters, weight/density/gamma lists in model order) for one
+    tensor, gradients and filters resolved (mergekit's defaults)."""
+    shared, per_model = cfg.tensor_params(tensor_name)
+    return shared, dict(weight=[m["weight"] for m in per_model],
+                        density=[m.get("density", 1.0) for m in per_model],
+                        gamma=[m.get("gamma", 0.01) for m in per_model])
 
 
 @contextlib.contextmanager
@@ -164,15 +166,16 @@ def _merge_one(cfg: MergeConfig, p, entries, writer, allow_nonfinite: bool, chun
     base, models = (entries[0], entries[1:]) if cfg.merge_base else (None, entries)
     compute = _compute_dtype(cfg, entries)  # the core converts each input from its file's dtype
     width = dtypes.itemsize(compute) * (len(entries) + 1) + dtypes.itemsize(p.dtype)
-    weights, sparsify = merge_terms(cfg.method, len(models), seed=cfg.seed, tensor_name=p.name,
-                                    **_per_model_params(cfg, p.name))
+    shared, per_model = _gta_params(cfg, p.name)
+    weights, sparsify = merge_terms(cfg.method, len(models), seed=shared["seed"], tensor_name=p.name, **per_model)
     path, offset, _ = writer.where[p.name]
     locate = lambda e: (e.file, e.data_start, e.dtype)  # noqa: E731
     with _naming_tensor(cfg, p, paths, allow_nonfinite):
         return _core.merge_tensor_files(
             (path, offset, p.dtype), locate(base) if base else None, [locate(e) for e in models],
-            dtypes.numel(p.shape), compute, weights, sparsify, cfg.method.consensus, cfg.normalize, cfg.rescale,
-            float(cfg.lam), row_length(cfg.granularity, tuple(p.shape)), not allow_nonfinite,
+            dtypes.numel(p.shape), compute, weights, sparsify, cfg.method.consensus, shared["normalize"],
+            shared["rescale"], float(shared["lambda"]), row_length(shared["granularity"], tuple(p.shape)),
+            not allow_nonfinite,
             max(1, chunk_bytes // width),
         )
 
@@ -187,11 +190,12 @@ def _merge_on_device(cfg: MergeConfig, p, inputs, entries, writer, allow_nonfini
     dtype = dtypes.to_torch(_compute_dtype(cfg, entries))
     tensors = [i.load(e).to(dtype).to(device) for i, e in zip(inputs, entries)]  # cast before the kernels
     base, models = (tensors[0], tensors[1:]) if cfg.merge_base else (None, tensors)
+    shared, per_model = _gta_params(cfg, p.name)
     with _naming_tensor(cfg, p, paths, allow_nonfinite):
         result = merge_tensors(
-            cfg.method, base, models, lam=cfg.lam, normalize=cfg.normalize, rescale=cfg.rescale,
-            granularity=cfg.granularity, seed=cfg.seed, tensor_name=p.name,
-            check_finite=not allow_nonfinite, **_per_model_params(cfg, p.name),
+            cfg.method, base, models, lam=shared["lambda"], normalize=shared["normalize"],
+            rescale=shared["rescale"], granularity=shared["granularity"], seed=shared["seed"], tensor_name=p.name,
+            check_finite=not allow_nonfinite, **per_model,
         )
     ref = base if base is not None else models[0]
     changed = int(torch.count_nonzero(result != ref))
@@ -231,6 +235,21 @@ def _merge_torch(cfg: MergeConfig, p, inputs, entries, writer, allow_nonfinite: 
     changed = int(torch.count_nonzero(out != ref.to(out.dtype)))
     writer.write(p.name, out.cpu())
     return changed
+
+
+def _num_layers(path: str, names) -> Optional[int]:
+    """A model's layer count as mergekit reads it (config.json's
+    num_hidden_layers), else one past the largest layer index in its tensor names."""
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    try:
+        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+            n = json.load(f).get("num_hidden_layers")
+        if isinstance(n, int) and not isinstance(n, bool) and n > 0:
+            return n
+    except (OSError, ValueError, AttributeError):
+        pass
+    found = [i for i in (layer_index(n) for n in names) if i is not None]
+    return max(found) + 1 if found else None
 
 
 def parse_device(device: str):
@@ -311,6 +330,8 @@ def merge_checkpoints(cfg: MergeConfig, out: str, *, force: bool = False, max_sh
     # The reference model (tensor order, default dtypes, integer buffers): the base, else the first model.
     ref = 0 if cfg.method.in_core else (cfg.base_index or 0)
     planned = _plan(cfg, [inputs[ref]] + inputs[:ref] + inputs[ref + 1:])
+    if cfg.num_layers is None:
+        cfg.num_layers = _num_layers(paths[ref], inputs[ref].by_name)
     if max_shard_bytes == 0:  # mergekit's "no limit"
         max_shard_bytes = sum(p.nbytes for p in planned) + 1
     density, merged, copied = {}, 0, 0

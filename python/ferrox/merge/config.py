@@ -17,14 +17,15 @@ from typing import Any, Dict, List, Optional, Tuple
 import yaml
 
 from .. import dtypes
-from .methods import MergeMethod, get_method
+from .methods import REQUIRED, MergeMethod, get_method
 from .methods.base import F32_MAX  # noqa: F401 (re-exported)
 from .methods.base import _kind, check_choice, check_flag, check_integer, check_number
+from .settings import Setting, layer_index, layer_t, parse_setting
 
 TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "name"}
 REFUSED_TOP = {"slices", "tokenizer_source", "tokenizer", "chat_template", "modules", "architecture"}
 MODEL_KEYS = {"model", "parameters"}
-REFUSED_PARAMS = {"epsilon"}
+REFUSED_PARAMS: set = set()
 #: ferrox's names for mergekit's (read where the method has the mergekit name)
 ALIASES = {"keep_frac": "density", "outlier_frac": "gamma"}
 DTYPES = {dtypes.get(name).torch_name for name in dtypes.KERNEL_FLOATS}  # mergekit's names
@@ -40,6 +41,10 @@ class ModelEntry:
     params: Dict[str, Any] = field(default_factory=dict)
     #: the input a method with a base policy "required"/"optional" treats as its base
     is_base: bool = False
+    #: the per-model settings in mergekit's precedence (the model's own, then the global ones)
+    settings: Tuple[Dict[str, Setting], ...] = ()
+    #: where in the config it was listed ("models[1]")
+    where: str = ""
 
 
 @dataclass
@@ -56,6 +61,12 @@ class MergeConfig:
     source: dict
     #: the YAML file it was read from (an input the output may not overwrite)
     config_path: Optional[str] = None
+    #: the global settings of shared parameters given in the config (others: defaults)
+    shared_settings: Dict[str, Setting] = field(default_factory=dict)
+    #: some setting is a gradient or filters: parameters are resolved per tensor
+    varying: bool = False
+    #: the reference model's layer count (gradients' t); set by merge_checkpoints
+    num_layers: Optional[int] = None
 
     # Generalized task arithmetic's global parameters, by their old names.
     normalize = property(lambda self: self.params.get("normalize", False))
@@ -72,6 +83,7 @@ class MergeConfig:
     def seed(self, value: int) -> None:
         if self.method.param("seed") is not None:  # deterministic methods have no seed to set
             self.params["seed"] = value
+            self.shared_settings.pop("seed", None)
 
     @property
     def merge_base(self) -> Optional[str]:
@@ -87,11 +99,67 @@ class MergeConfig:
         """Position of the base among ``models`` (torch methods), else None."""
         return next((i for i, m in enumerate(self.models) if m.is_base), None)
 
-    def tensor_params(self, tensor_name: str) -> Tuple[Dict[str, Any], List[Dict[str, Any]]]:
+    def tensor_t(self, tensor_name: str) -> float:
+        """mergekit's gradient position of a tensor: its layer's, 0 outside the layers."""
+        i = layer_index(tensor_name)
+        if i is None:
+            return 0.0
+        if self.num_layers is None:
+            raise ConfigError(f"tensor {tensor_name!r}: a gradient needs the model's layer count "
+                              f"(num_hidden_layers); set MergeConfig.num_layers")
+        if i >= self.num_layers:
+            raise ConfigError(f"tensor {tensor_name!r}: layer {i} is past the model's {self.num_layers} layers "
+                              f"(num_hidden_layers in config.json)")
+        return layer_t(i, self.num_layers)
+
+    def tensor_params(self, tensor_name: str, t: Optional[float] = None,
+                      input_names: Optional[List[str]] = None) -> Tuple[Dict[str, Any], List[Dict[str, Any]]]:
         """The global parameters and each non-base model's per-model ones for
-        one tensor. Constant today; where gradients and filters will resolve
-        a value per tensor name (as mergekit does)."""
-        return self.params, [m.params for m in self.models if not m.is_base]
+        one tensor, gradients and filters resolved as mergekit does: ``t``
+        from the tensor's layer (``tensor_t``) unless given; filters of a
+        model's parameters match ``input_names[i]`` (that model's input
+        tensor; by default ``tensor_name``)."""
+        if not self.varying:
+            return self.params, [m.params for m in self.models if not m.is_base]
+        if t is None:
+            t = self.tensor_t(tensor_name) if self._needs_t() else 0.0
+        shared = dict(self.params)
+        for name, s in self.shared_settings.items():
+            v = s.evaluate(tensor_name, t)
+            shared[name] = self.method.param(name).default if v is None else v
+            if shared[name] is REQUIRED:
+                raise ConfigError(f"parameters: no filter of {name!r} matches tensor {tensor_name!r}, and "
+                                  f"{self.method.name} requires it (add a '- value: ...' fallback)")
+        per_model = []
+        non_base = [m for m in self.models if not m.is_base]
+        for i, m in enumerate(non_base):
+            name = input_names[i] if input_names is not None else tensor_name
+            params = {}
+            for p in self.method.params:
+                if not p.per_model:
+                    continue
+                v = None
+                for scope in m.settings:
+                    if p.name in scope:
+                        v = scope[p.name].evaluate(name, t)
+                        if v is not None:
+                            break
+                if v is not None:
+                    params[p.name] = v
+                elif p.required:
+                    raise ConfigError(f"{m.where}: no filter of {p.name!r} matches tensor {name!r}, and "
+                                      f"{self.method.name} requires it (add a '- value: ...' fallback)")
+            per_model.append(params)
+        filled = [{p.name: pm.get(p.name, p.default) for p in self.method.params if p.per_model} for pm in per_model]
+        try:
+            self.method.check_params(shared, filled)
+        except ValueError as e:
+            raise ConfigError(f"tensor {tensor_name!r} (t={t:g}): {e}") from None
+        return shared, per_model
+
+    def _needs_t(self) -> bool:
+        return any(s.varies_with_t for s in self.shared_settings.values()) or any(
+            s.varies_with_t for m in self.models for sc in m.settings for s in sc.values())
 
     def resolved(self) -> dict:
         """The config with every default filled in (written as provenance)."""
@@ -103,14 +171,6 @@ class MergeConfig:
             "dtype": self.dtype,
             "out_dtype": self.out_dtype,
         }
-
-
-def _scalar(where: str, key: str, value):
-    if isinstance(value, list):
-        raise ConfigError(f"{where}: parameter {key!r} is a gradient list; ferrox does not support gradients yet")
-    if isinstance(value, dict):
-        raise ConfigError(f"{where}: parameter {key!r} uses filters; ferrox does not support filtered parameters yet")
-    return value
 
 
 def _config_error(fn, *args):
@@ -136,9 +196,10 @@ def _choice(where: str, key: str, value, allowed) -> str:
     return _config_error(check_choice, where, key, value, allowed)
 
 
-def _params(where: str, raw, method: MergeMethod) -> dict:
+def _params(where: str, raw, method: MergeMethod) -> Dict[str, Setting]:
     """A parameters mapping: names checked against the method's declared
-    parameters (ferrox's aliases read), values scalars (not checked yet)."""
+    parameters (ferrox's aliases read), each value a checked ``Setting``
+    (scalar, gradient list or filters)."""
     if raw is None:
         return {}
     if not isinstance(raw, dict):
@@ -154,7 +215,7 @@ def _params(where: str, raw, method: MergeMethod) -> dict:
             key = ALIASES[key]
         if key not in known:
             raise ConfigError(f"{where}: unknown parameter {key!r} for {method.name} (known: {sorted(known)})")
-        out[key] = _scalar(where, key, value)
+        out[key] = _config_error(parse_setting, where, key, value, method.param(key))
     return out
 
 
@@ -238,35 +299,43 @@ def parse_config(raw: dict, config_dir: Optional[str] = None) -> MergeConfig:
             if not method.param(key).per_model:
                 raise ConfigError(f"{where}: parameter {key!r} of {method.name} is global; set it under the "
                                   f"top-level parameters")
-        params = dict(glob_model)
-        params.update(given)
         for p in per_model:
-            if p.name in params:
-                params[p.name] = _config_error(p.check, where, params[p.name])
-            elif p.required and where == "base_model":
-                raise ConfigError(f"base_model: {method.name} merges its base_model as one more input (as mergekit "
-                                  f"does), so it needs a {p.name}: list it under models with one, or set a global "
-                                  f"{p.name} under parameters")
-            elif p.required:
+            if p.required and p.name not in given and p.name not in glob_model:
+                if where == "base_model":
+                    raise ConfigError(f"base_model: {method.name} merges its base_model as one more input (as "
+                                      f"mergekit does), so it needs a {p.name}: list it under models with one, "
+                                      f"or set a global {p.name} under parameters")
                 raise ConfigError(f"{where}: parameter {p.name!r} is required for {method.name}")
-        models.append(ModelEntry(path, params))
+        # mergekit's precedence: the model's own setting, then the global one (also where a filter misses).
+        chain = (given, glob_model)
+        params = {}
+        for p in per_model:
+            s = next((sc[p.name] for sc in chain if p.name in sc), None)
+            if s is not None:
+                params[p.name] = s.value if s.constant else s.raw()
+        models.append(ModelEntry(path, params, settings=chain, where=where))
     if not any(not m.is_base for m in models):
         raise ConfigError("config: no models besides the base model")
     _config_error(method.check_inputs, len(models), any(m.is_base for m in models))
-    shared = {}
+    shared, shared_settings = {}, {}
     for p in method.params:
         if p.per_model:
             continue
         if p.name in glob:
-            shared[p.name] = _config_error(p.check, "parameters", glob[p.name])
+            shared_settings[p.name] = glob[p.name]
+            shared[p.name] = glob[p.name].value if glob[p.name].constant else glob[p.name].raw()
         elif p.required:
             raise ConfigError(f"parameters: parameter {p.name!r} is required for {method.name}")
         else:
             shared[p.name] = p.default
-    defaults = [{p.name: m.params.get(p.name, p.default) for p in per_model} for m in models if not m.is_base]
-    _config_error(method.check_params, shared, defaults)
+    varying = bool(shared_settings and not all(s.constant for s in shared_settings.values())) or any(
+        not s.constant for m in models for sc in m.settings for s in sc.values())
+    if not varying:
+        defaults = [{p.name: m.params.get(p.name, p.default) for p in per_model} for m in models if not m.is_base]
+        _config_error(method.check_params, shared, defaults)
     return MergeConfig(method=method, base=base, models=models, params=shared,
-                       dtype=dtype, out_dtype=out_dtype, source=raw)
+                       dtype=dtype, out_dtype=out_dtype, source=raw, shared_settings=shared_settings,
+                       varying=varying)
 
 
 #: Larger config files are refused (a merge config is a few KiB).
