@@ -229,7 +229,7 @@ def _merge_torch(cfg: MergeConfig, p, inputs, entries, writer, allow_nonfinite: 
     with _naming_tensor(cfg, p, paths, allow_nonfinite):
         if not allow_nonfinite:
             _check_finite(tensors, paths)
-        result = cfg.method.merge(tensors, cfg.base_index, shared, per_model)
+        result = cfg.method.merge(tensors, cfg.base_index, shared, per_model, tensor_name=p.name)
     out = result.to(dtypes.to_torch(p.dtype))
     ref = tensors[cfg.base_index or 0]
     changed = int(torch.count_nonzero(out != ref.to(out.dtype)))

@@ -176,6 +176,8 @@ class Inputs:
     tensors: Tuple[Any, ...]
     base_index: Optional[int]
     per_model: Tuple[Mapping[str, Any], ...] = ()
+    #: the output tensor's name (seeds the random masks of della)
+    tensor_name: str = ""
 
     @property
     def base(self):
@@ -280,7 +282,7 @@ class TensorMethod(MergeMethod):
         return out
 
     def merge(self, tensors: Sequence[Any], base_index: Optional[int] = None, shared=None,
-              per_model: Optional[Sequence[Mapping[str, Any]]] = None):
+              per_model: Optional[Sequence[Mapping[str, Any]]] = None, tensor_name: str = ""):
         """One tensor's merge: ``tensors`` in mergekit's model order (any float
         dtype; cast to float32 here), ``base_index`` the base's position,
         ``shared``/``per_model`` resolved parameters (checked again here).
@@ -308,5 +310,5 @@ class TensorMethod(MergeMethod):
         per_model = [self.resolve_model(v, f"models[{i}]") for i, v in enumerate(per_model)]
         self.check_params(shared, per_model)
         f32 = tuple(t.to(torch.float32) for t in tensors)
-        out = self.kernel(Inputs(f32, base_index, tuple(per_model)), **shared)
+        out = self.kernel(Inputs(f32, base_index, tuple(per_model), tensor_name), **shared)
         return out.to(torch.float32).reshape(shape)
