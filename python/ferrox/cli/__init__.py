@@ -19,9 +19,9 @@ import argparse
 import sys
 
 from .. import __version__
-from . import _common, compress, doctor, extract, inspect, merge, restore
+from . import _common, compress, doctor, extract, inspect, merge, moe, restore
 
-COMMANDS = (doctor, inspect, merge, compress, extract, restore)
+COMMANDS = (doctor, inspect, merge, moe, compress, extract, restore)
 
 
 def build_parser(commands=COMMANDS) -> argparse.ArgumentParser:
