@@ -521,3 +521,57 @@ def test_parity_with_mergekit_moe(tokenized_models, tmp_path, mode):
         a = _load_mixtral(str(tmp_path / "fx"))(ids).logits
         b = _load_mixtral(str(tmp_path / "mk"))(ids).logits
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+# --- streaming, shards, tied embeddings ------------------------------------------------------------------------
+
+
+def test_streams_one_input_tensor_at_a_time(models, tmp_path, monkeypatch):
+    """Every tensor read from the inputs is gone before the next is read (BTX's f64 accumulator aside)."""
+    import weakref
+
+    from ferrox import checkpoint
+
+    live, peak, reads = [], [0], [0]
+    original = checkpoint.TensorReader.read
+
+    def read(self, entry):
+        alive = [r for r in live if r() is not None]
+        peak[0] = max(peak[0], len(alive))
+        x = original(self, entry)
+        live.append(weakref.ref(x))
+        reads[0] += 1
+        return x
+
+    monkeypatch.setattr(checkpoint.TensorReader, "read", read)
+    base, exps = models["f32"]
+    build_moe(parse_config(_cfg(base, exps, average_shared=True, dtype="bfloat16")), tmp_path / "m", progress=False)
+    n_shared = len(_shared_names(_state(base)))
+    assert reads[0] == n_shared * N_EXP + LAYERS * N_EXP * len(FFN)  # every input tensor read once, through read()
+    assert peak[0] == 0
+
+
+def test_shards_and_tied_embeddings(models, tmp_path):
+    base, exps = models["f32"]
+    one = build_moe(parse_config(_cfg(base, exps, seed=1)), tmp_path / "one", progress=False)
+    many = build_moe(parse_config(_cfg(base, exps, seed=1)), tmp_path / "many", max_shard_bytes=100_000,
+                     progress=False)
+    assert len(read_checkpoint(many.out).files) > 3 and os.path.isfile(os.path.join(many.out, "model.safetensors.index.json"))
+    a, b = _state(one.out), _state(many.out)
+    assert sorted(a) == sorted(b) and all(_bits_equal(a[n], b[n]) for n in a)
+    ids = torch.randint(0, VOCAB, (1, 10), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(_load_mixtral(many.out)(ids).logits, _load_mixtral(one.out)(ids).logits,
+                                   rtol=0, atol=0)
+    # a base with tied embeddings and no lm_head: the MoE ties them too
+    tied_folders = []
+    for src in [base, *exps]:
+        state = _state(src)
+        state.pop("lm_head.weight")
+        cfg = {**json.load(open(os.path.join(base, "config.json"))), "tie_word_embeddings": True}
+        tied_folders.append(synthetic.write_model(str(tmp_path / f"tied-{len(tied_folders)}"), state, cfg))
+    rep = build_moe(parse_config(_cfg(tied_folders[0], tied_folders[1:])), tmp_path / "tied", progress=False)
+    assert "lm_head.weight" not in _state(rep.out)
+    moe = _load_mixtral(rep.out)
+    assert json.load(open(os.path.join(rep.out, "config.json")))["tie_word_embeddings"] is True
+    assert moe.lm_head.weight.data_ptr() == moe.model.embed_tokens.weight.data_ptr()
