@@ -22,7 +22,7 @@ from .. import _core, dtypes
 from .. import checkpoint as ckpt
 from ..output import OutputFolder, PlannedTensor
 from .config import MergeConfig
-from .settings import layer_index
+from .settings import LAYER_RE, layer_index
 from .terms import merge_terms, row_length
 
 #: Working memory of a streamed tensor merge (all inputs' chunk buffers plus
@@ -269,9 +269,14 @@ def parse_device(device: str):
 
 
 def _rewrite_config_dtype(dest: OutputFolder, dtype_name: str) -> None:
+    _rewrite_config(dest, dtype_name, None)
+
+
+def _rewrite_config(dest: OutputFolder, dtype_name: Optional[str], n_layers: Optional[int]) -> None:
     """Sets the copied config.json's dtype field (``torch_dtype``, and ``dtype``
-    where present) to the output's, as mergekit does; every other value is
-    kept as read (key order too)."""
+    where present) to the output's and ``num_hidden_layers`` to a sliced
+    merge's layer count, as mergekit does; every other value is kept as read
+    (key order too)."""
     path = os.path.join(dest.path, "config.json")
     if not os.path.isfile(path):
         return
@@ -282,12 +287,159 @@ def _rewrite_config_dtype(dest: OutputFolder, dtype_name: str) -> None:
             raise MergeError(f"config.json of the donor model is not valid JSON ({e}); cannot set its dtype") from None
     if not isinstance(config, dict):
         raise MergeError("config.json of the donor model is not a JSON object; cannot set its dtype")
-    keys = [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]
-    if all(config.get(k) == dtype_name for k in keys):
+    updates = {}
+    if dtype_name:
+        updates.update({k: dtype_name for k in [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]})
+    if n_layers is not None:
+        updates["num_hidden_layers"] = n_layers
+    if all(config.get(k) == v for k, v in updates.items()):
         return  # already right: leave the copy byte for byte
-    for k in keys:
-        config[k] = dtype_name
+    config.update(updates)
     dest.write_text("config.json", json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+
+
+def _is_pre_layer(name: str) -> bool:
+    """Tensors outside the layers that come before them (mergekit's
+    architecture "pre_weights": the token embeddings); the rest (final norm,
+    lm_head) follow the layers ("post_weights")."""
+    return "embed" in name or name.split(".")[-2:-1] in (["wte"], ["wpe"])
+
+
+def _renumber(name: str, layer: int) -> str:
+    m = LAYER_RE.search(name)
+    return name[:m.start(1)] + str(layer) + name[m.end(1):]
+
+
+@dataclass
+class _SliceJob:
+    planned: PlannedTensor
+    sl: object  # SliceEntry
+    #: per source: (index into the inputs, input tensor name)
+    sources: List[tuple]
+    t: float
+
+
+def _plan_sliced(cfg: MergeConfig, inputs: List[_Inputs]) -> List[_SliceJob]:
+    """mergekit's plan of a sliced merge: the pre-layer tensors from the
+    first slice's sources, then each slice's layers at consecutive output
+    indices (t = offset / (length - 1) within the slice, 1 for a one-layer
+    slice), then the post-layer tensors from the last slice's sources (t = 0)."""
+    first, last = cfg.slices[0], cfg.slices[-1]
+    out_dtype_name = cfg.out_dtype or cfg.dtype
+    jobs = []
+
+    def add(out_name, sl, names, t):
+        entries = []
+        for src, name in zip(sl.sources, names):
+            inp = inputs[src.model]
+            e = inp.entry(name)
+            if e is None:
+                raise MergeError(f"{inp.path}: tensor {name!r} is missing ({sl.where} reads it for {out_name!r})")
+            entries.append(e)
+        ref = entries[0]
+        for src, e in zip(sl.sources[1:], entries[1:]):
+            mixed = e.dtype in dtypes.KERNEL_FLOATS and ref.dtype in dtypes.KERNEL_FLOATS
+            if e.shape != ref.shape or (e.dtype != ref.dtype and not mixed):
+                raise MergeError(f"{inputs[src.model].path}: tensor {e.name!r} is {e.dtype} {list(e.shape)}, but "
+                                 f"{ref.dtype} {list(ref.shape)} in {inputs[sl.sources[0].model].path}")
+        if any(e.dtype == "F64" for e in entries):
+            raise MergeError(f"tensor {ref.name!r} is F64; ferrox merges F32, F16 and BF16 tensors")
+        dtype = ref.dtype
+        if dtype in dtypes.KERNEL_FLOATS and out_dtype_name:
+            dtype = dtypes.from_config_name(out_dtype_name)
+        planned = PlannedTensor(out_name, dtype, ref.shape, dtypes.numel(ref.shape) * dtypes.itemsize(dtype))
+        jobs.append(_SliceJob(planned, sl, [(src.model, n) for src, n in zip(sl.sources, names)], t))
+
+    def outside(sl, pre):
+        ref = inputs[sl.sources[0].model]
+        return [t.name for t in ref.info.tensors if layer_index(t.name) is None and _is_pre_layer(t.name) == pre]
+
+    for name in outside(first, True):
+        add(name, first, [name] * len(first.sources), 0.0)
+    out_layer = 0
+    for sl in cfg.slices:
+        for k in range(sl.length):
+            t = k / (sl.length - 1) if sl.length > 1 else 1.0
+            src0 = sl.sources[0]
+            names = [e.name for e in inputs[src0.model].info.tensors if layer_index(e.name) == src0.start + k]
+            if not names:
+                raise MergeError(f"{inputs[src0.model].path}: no tensors of layer {src0.start + k} "
+                                 f"({src0.where}.layer_range)")
+            for name in names:
+                add(_renumber(name, out_layer), sl, [_renumber(name, s.start + k) for s in sl.sources], t)
+            out_layer += 1
+    for name in outside(last, False):
+        add(name, last, [name] * len(last.sources), 0.0)
+    return jobs
+
+
+def _merge_sliced(cfg: MergeConfig, out: str, *, force, max_shard_bytes, allow_nonfinite, progress, device,
+                  fsync) -> MergeReport:
+    import torch
+    from tqdm import tqdm
+
+    gpu = parse_device(device)
+    start = time.perf_counter()
+    paths = [m.path for m in cfg.models]
+    inputs = [_Inputs(p) for p in paths]
+    jobs = _plan_sliced(cfg, inputs)
+    planned = [j.planned for j in jobs]
+    total = sum(p.nbytes for p in planned)
+    if max_shard_bytes == 0:
+        max_shard_bytes = total + 1
+    n_layers = sum(sl.length for sl in cfg.slices)
+    density, merged, copied = {}, 0, 0
+    donor = cfg.base or paths[cfg.slices[0].sources[0].model]
+    sources = paths + ([cfg.config_path] if cfg.config_path else [])
+    with OutputFolder(out, fmt="merge", inputs=sources, force=force, fsync=fsync) as dest:
+        writer = dest.writer(planned, max_shard_bytes, metadata={"ferrox_method": cfg.method.name})
+        bar = tqdm(total=total, desc=f"ferrox merge ({cfg.method.name}, slices)", unit="B", unit_scale=True,
+                   disable=None if progress is None else not progress)
+        with bar:
+            for job in jobs:
+                p = job.planned
+                entries = [inputs[i].entry(n) for i, n in job.sources]
+                job_paths = [paths[i] for i, _ in job.sources]
+                if entries[0].dtype not in dtypes.KERNEL_FLOATS:
+                    writer.copy(p.name, entries[0])
+                    copied += 1
+                    bar.update(p.nbytes)
+                    continue
+                shared, per_model = cfg.slice_params(job.sl, p.name, [n for _, n in job.sources], job.t)
+                if (cfg.method.name == "passthrough" and per_model[0].get("scale") is None
+                        and entries[0].dtype == p.dtype):
+                    writer.copy(p.name, entries[0])  # a plain copy: the input's bits
+                    density[p.name] = 0.0
+                else:
+                    compute = dtypes.to_torch(_compute_dtype(cfg, entries))
+                    tensors = []
+                    for (i, _), e in zip(job.sources, entries):
+                        x = inputs[i].load(e).to(compute)
+                        tensors.append(x if gpu is None else x.to(gpu))
+                    with _naming_tensor(cfg, p, job_paths, allow_nonfinite):
+                        if not allow_nonfinite:
+                            _check_finite(tensors, job_paths)
+                        result = cfg.method.merge(tensors, job.sl.base_index, shared, per_model, tensor_name=p.name)
+                    res = result.to(dtypes.to_torch(p.dtype))
+                    ref = tensors[job.sl.base_index or 0]
+                    density[p.name] = int(torch.count_nonzero(res != ref.to(res.dtype))) / max(1, res.numel())
+                    writer.write(p.name, res.cpu())
+                merged += 1
+                bar.update(p.nbytes)
+        dest.copy_side_files(donor)
+        _rewrite_config(dest, cfg.out_dtype or cfg.dtype, n_layers)
+        dest.write_text("ferrox_config.yml", yaml.safe_dump(cfg.resolved(), sort_keys=False))
+        lines = [f"Method: `{cfg.method.name}` ({cfg.method.reference}) over {len(cfg.slices)} slices, "
+                 f"{n_layers} layers out.", "", "Slices:"]
+        lines += [f"- {sl.where}: " + ", ".join(f"`{paths[s.model]}` layers [{s.start}, {s.end})" for s in sl.sources)
+                  for sl in cfg.slices]
+        lines += ["", f"Weights: {ckpt.human_bytes(total)}. The resolved config is in `ferrox_config.yml`."]
+        dest.model_card(f"Merged with ferrox ({cfg.method.name})", lines)
+        dest.write_report({"method": cfg.method.name, "tensors_merged": merged, "tensors_copied": copied,
+                           "bytes": total, "layers": n_layers},
+                          {name: {"changed": round(frac, 6)} for name, frac in density.items()})
+        report_out = dest.out
+    return MergeReport(report_out, len(planned), merged, copied, total, time.perf_counter() - start, density)
 
 
 def merge_checkpoints(cfg: MergeConfig, out: str, *, force: bool = False, max_shard_bytes: int = 5 * 10**9,
@@ -321,10 +473,13 @@ def merge_checkpoints(cfg: MergeConfig, out: str, *, force: bool = False, max_sh
     when ``dtype``/``out_dtype`` is given."""
     from tqdm import tqdm
 
-    gpu = parse_device(device)
-    start = time.perf_counter()
     if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int) or max_shard_bytes < 0:
         raise MergeError(f"max_shard_bytes: expected a byte count >= 0 (0: one shard), got {max_shard_bytes!r}")
+    if cfg.slices is not None:
+        return _merge_sliced(cfg, out, force=force, max_shard_bytes=max_shard_bytes, allow_nonfinite=allow_nonfinite,
+                             progress=progress, device=device, fsync=fsync)
+    gpu = parse_device(device)
+    start = time.perf_counter()
     paths = ([cfg.merge_base] if cfg.merge_base else []) + [m.path for m in cfg.models]
     inputs = [_Inputs(p) for p in paths]
     # The reference model (tensor order, default dtypes, integer buffers): the base, else the first model.

@@ -22,8 +22,11 @@ from .methods.base import F32_MAX  # noqa: F401 (re-exported)
 from .methods.base import _kind, check_choice, check_flag, check_integer, check_number
 from .settings import Setting, layer_index, layer_t, parse_setting
 
-TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "name"}
-REFUSED_TOP = {"slices", "tokenizer_source", "tokenizer", "chat_template", "modules", "architecture"}
+TOP_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "name"}
+SLICE_KEYS = {"sources", "parameters"}
+REFUSED_SLICE_KEYS = {"base_model", "residual_weight"}
+SOURCE_KEYS = {"model", "layer_range", "parameters"}
+REFUSED_TOP = {"tokenizer_source", "tokenizer", "chat_template", "modules", "architecture"}
 MODEL_KEYS = {"model", "parameters"}
 REFUSED_PARAMS: set = set()
 #: ferrox's names for mergekit's (read where the method has the mergekit name)
@@ -48,6 +51,35 @@ class ModelEntry:
 
 
 @dataclass
+class SliceSource:
+    """One source of an output slice: layers [start, end) of ``models[model]``."""
+    model: int
+    start: int
+    end: int
+    #: the source's own per-model settings
+    settings: Dict[str, Setting]
+    where: str
+    is_base: bool = False
+
+
+@dataclass
+class SliceEntry:
+    """One output slice (mergekit's ``slices[i]``): its sources' layers,
+    merged offset by offset, and the slice's own parameter settings."""
+    sources: List[SliceSource]
+    settings: Dict[str, Setting]
+    where: str
+
+    @property
+    def length(self) -> int:
+        return self.sources[0].end - self.sources[0].start
+
+    @property
+    def base_index(self) -> Optional[int]:
+        return next((i for i, s in enumerate(self.sources) if s.is_base), None)
+
+
+@dataclass
 class MergeConfig:
     method: MergeMethod
     base: Optional[str]
@@ -67,6 +99,10 @@ class MergeConfig:
     varying: bool = False
     #: the reference model's layer count (gradients' t); set by merge_checkpoints
     num_layers: Optional[int] = None
+    #: ``slices`` (layer stacking); ``models`` then holds each distinct source model once
+    slices: Optional[List[SliceEntry]] = None
+    #: the global settings of per-model parameters (slices' last scope)
+    model_settings: Dict[str, Setting] = field(default_factory=dict)
 
     # Generalized task arithmetic's global parameters, by their old names.
     normalize = property(lambda self: self.params.get("normalize", False))
@@ -157,12 +193,75 @@ class MergeConfig:
             raise ConfigError(f"tensor {tensor_name!r} (t={t:g}): {e}") from None
         return shared, per_model
 
+    def slice_params(self, sl: SliceEntry, tensor_name: str, input_names: List[str],
+                     t: float) -> Tuple[Dict[str, Any], List[Dict[str, Any]]]:
+        """``tensor_params`` for one tensor of a slice: mergekit's precedence is
+        the source's settings, then the slice's, then the global ones."""
+        glob = {k: s for k, s in self.shared_settings.items()}
+        shared_chain = (sl.settings, glob)
+        chains = [(src.settings, sl.settings, self.model_settings) for src in sl.sources if not src.is_base]
+        names = [n for n, src in zip(input_names, sl.sources) if not src.is_base]
+        return self._resolve(shared_chain, chains, tensor_name, names, t, [src.where for src in sl.sources
+                                                                          if not src.is_base])
+
+    def _resolve(self, shared_chain, chains, tensor_name, input_names, t, wheres):
+        shared = {}
+        for p in self.method.params:
+            if p.per_model:
+                continue
+            v = None
+            for scope in shared_chain:
+                if p.name in scope:
+                    v = scope[p.name].evaluate(tensor_name, t)
+                    if v is not None:
+                        break
+            if v is None and p.required:
+                raise ConfigError(f"parameters: no setting of {p.name!r} applies to tensor {tensor_name!r}, and "
+                                  f"{self.method.name} requires it")
+            shared[p.name] = p.default if v is None else v
+        per_model = []
+        for chain, name, where in zip(chains, input_names, wheres):
+            params = {}
+            for p in self.method.params:
+                if not p.per_model:
+                    continue
+                v = None
+                for scope in chain:
+                    if p.name in scope:
+                        v = scope[p.name].evaluate(name, t)
+                        if v is not None:
+                            break
+                if v is not None:
+                    params[p.name] = v
+                elif p.required:
+                    raise ConfigError(f"{where}: no setting of {p.name!r} applies to tensor {name!r}, and "
+                                      f"{self.method.name} requires it")
+            per_model.append(params)
+        filled = [{p.name: pm.get(p.name, p.default) for p in self.method.params if p.per_model} for pm in per_model]
+        try:
+            self.method.check_params(shared, filled)
+        except ValueError as e:
+            raise ConfigError(f"tensor {tensor_name!r} (t={t:g}): {e}") from None
+        return shared, per_model
+
     def _needs_t(self) -> bool:
         return any(s.varies_with_t for s in self.shared_settings.values()) or any(
             s.varies_with_t for m in self.models for sc in m.settings for s in sc.values())
 
     def resolved(self) -> dict:
         """The config with every default filled in (written as provenance)."""
+        if self.slices is not None:
+            return {
+                "merge_method": self.method.name,
+                "base_model": self.base,
+                "slices": [{"sources": [{"model": self.models[s.model].path, "layer_range": [s.start, s.end],
+                                         "parameters": {k: v.raw() for k, v in s.settings.items()}}
+                                        for s in sl.sources],
+                            "parameters": {k: v.raw() for k, v in sl.settings.items()}} for sl in self.slices],
+                "parameters": dict(self.params),
+                "dtype": self.dtype,
+                "out_dtype": self.out_dtype,
+            }
         return {
             "merge_method": self.method.name,
             "base_model": self.base,
@@ -250,6 +349,11 @@ def parse_config(raw: dict, config_dir: Optional[str] = None) -> MergeConfig:
     if "name" in raw and not isinstance(raw["name"], str):
         raise ConfigError(f"config: name must be a string, got {raw['name']!r}")
     method = _config_error(get_method, raw["merge_method"])
+    if "slices" in raw and method.in_core:
+        raise ConfigError(f"config key 'slices' is not supported by ferrox yet for {method.name} (slices run the "
+                          f"torch methods: passthrough, slerp, ...; list whole models under models instead)")
+    if ("slices" in raw) == ("models" in raw):
+        raise ConfigError("config: give exactly one of models and slices (as mergekit)")
     dtype, out_dtype = raw.get("dtype"), raw.get("out_dtype")
     for key, value in (("dtype", dtype), ("out_dtype", out_dtype)):
         if value is not None:
@@ -259,6 +363,8 @@ def parse_config(raw: dict, config_dir: Optional[str] = None) -> MergeConfig:
     if method.needs_base and not base:
         raise ConfigError(f"config: merge_method {method.name!r} needs base_model")
     base = _local_path("base_model", base, config_dir) if base else None
+    if "slices" in raw:
+        return _parse_sliced(raw, method, glob, base, dtype, out_dtype, config_dir)
     entries = raw.get("models")
     if not isinstance(entries, list) or not entries:
         raise ConfigError("config: models must be a non-empty list")
@@ -336,6 +442,123 @@ def parse_config(raw: dict, config_dir: Optional[str] = None) -> MergeConfig:
     return MergeConfig(method=method, base=base, models=models, params=shared,
                        dtype=dtype, out_dtype=out_dtype, source=raw, shared_settings=shared_settings,
                        varying=varying)
+
+
+def model_num_layers(path: str) -> Optional[int]:
+    """A model's layer count as mergekit reads it (config.json's
+    num_hidden_layers), else one past the largest layer index in its tensor
+    names (None when it has no layers)."""
+    import json
+
+    from .. import checkpoint as ckpt
+
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    try:
+        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+            n = json.load(f).get("num_hidden_layers")
+        if isinstance(n, int) and not isinstance(n, bool) and n > 0:
+            return n
+    except (OSError, ValueError, AttributeError):
+        pass
+    found = [i for i in (layer_index(t.name) for t in ckpt.read_checkpoint(path).tensors) if i is not None]
+    return max(found) + 1 if found else None
+
+
+def _layer_range(where: str, value, n_layers: Optional[int]) -> Tuple[int, int]:
+    if (not isinstance(value, (list, tuple)) or len(value) != 2
+            or any(isinstance(v, bool) or not isinstance(v, int) for v in value)):
+        raise ConfigError(f"{where}.layer_range: expected [start, end] (two integers, end exclusive), got {value!r}")
+    start, end = value
+    if not 0 <= start < end:
+        raise ConfigError(f"{where}.layer_range: expected 0 <= start < end, got {list(value)}")
+    if n_layers is None:
+        raise ConfigError(f"{where}.model: has no layers (no num_hidden_layers in config.json, no "
+                          f"'layers.N.' tensors), so layer_range cannot select any")
+    if end > n_layers:
+        raise ConfigError(f"{where}.layer_range: {list(value)} ends past the model's {n_layers} layers")
+    return start, end
+
+
+def _parse_sliced(raw, method, glob, base, dtype, out_dtype, config_dir) -> "MergeConfig":
+    """mergekit's ``slices``: each output slice's sources (same layer count),
+    merged layer offset by layer offset, the outputs stacked in order."""
+    entries = raw["slices"]
+    if not isinstance(entries, list) or not entries:
+        raise ConfigError("slices: expected a non-empty list of slices (each with sources)")
+    paths: List[str] = []
+    layers: Dict[str, Optional[int]] = {}
+    slices = []
+    for i, e in enumerate(entries):
+        where = f"slices[{i}]"
+        if not isinstance(e, dict) or "sources" not in e:
+            raise ConfigError(f"{where}: expected a mapping with a 'sources' list")
+        for key in e:
+            if key in REFUSED_SLICE_KEYS:
+                raise ConfigError(f"{where}: key {key!r} is not supported by ferrox yet")
+            if key not in SLICE_KEYS:
+                raise ConfigError(f"{where}: unknown key {key!r} (known: {sorted(SLICE_KEYS)})")
+        srcs = e["sources"]
+        if not isinstance(srcs, list) or not srcs:
+            raise ConfigError(f"{where}.sources: expected a non-empty list of sources")
+        sources = []
+        for j, src in enumerate(srcs):
+            at = f"{where}.sources[{j}]"
+            if not isinstance(src, dict) or "model" not in src or "layer_range" not in src:
+                raise ConfigError(f"{at}: expected a mapping with 'model' and 'layer_range'")
+            for key in src:
+                if key not in SOURCE_KEYS:
+                    raise ConfigError(f"{at}: unknown key {key!r} (known: {sorted(SOURCE_KEYS)})")
+            path = _local_path(f"{at}.model", src["model"], config_dir)
+            idx = next((k for k, q in enumerate(paths) if os.path.samefile(q, path)), None)
+            if idx is None:
+                idx = len(paths)
+                paths.append(path)
+                layers[path] = model_num_layers(path)
+            if any(s.model == idx for s in sources):
+                raise ConfigError(f"{at}.model: {src['model']!r} is already a source of {where}; mergekit refuses "
+                                  f"duplicate merge inputs")
+            start, end = _layer_range(at, src["layer_range"], layers[paths[idx]])
+            is_base = (base is not None and method.base_policy in ("required", "optional")
+                       and os.path.samefile(path, base))
+            given = _params(at, src.get("parameters"), method)
+            for key in given:
+                if not method.param(key).per_model:
+                    raise ConfigError(f"{at}: parameter {key!r} of {method.name} is global; set it under the "
+                                      f"slice's or the top-level parameters")
+                if is_base:
+                    raise ConfigError(f"{at}: parameter {key!r} does not apply to the base model of {method.name}")
+            sources.append(SliceSource(idx, start, end, given, at, is_base))
+        lengths = {s.end - s.start for s in sources}
+        if len(lengths) != 1:
+            raise ConfigError(f"{where}: every source of a slice must span the same number of layers, got "
+                              f"{[[s.start, s.end] for s in sources]}")
+        try:
+            method.check_inputs(len(sources), any(s.is_base for s in sources))
+        except ValueError as err:
+            raise ConfigError(f"{where}: {err}") from None
+        slices.append(SliceEntry(sources, _params(f"{where}.parameters", e.get("parameters"), method), where))
+    for p in method.params:
+        if p.per_model and p.required:
+            for sl in slices:
+                for src in sl.sources:
+                    if not src.is_base and not any(p.name in sc for sc in (src.settings, sl.settings, glob)):
+                        raise ConfigError(f"{src.where}: parameter {p.name!r} is required for {method.name}")
+    shared, shared_settings = {}, {}
+    for p in method.params:
+        if p.per_model:
+            continue
+        if p.name in glob:
+            shared_settings[p.name] = glob[p.name]
+            shared[p.name] = glob[p.name].value if glob[p.name].constant else glob[p.name].raw()
+        elif p.required and not all(p.name in sl.settings for sl in slices):
+            raise ConfigError(f"parameters: parameter {p.name!r} is required for {method.name}")
+        else:
+            shared[p.name] = p.default
+    models = [ModelEntry(p, {}, is_base=base is not None and os.path.samefile(p, base), where="slices")
+              for p in paths]
+    return MergeConfig(method=method, base=base, models=models, params=shared, dtype=dtype, out_dtype=out_dtype,
+                       source=raw, shared_settings=shared_settings, varying=True, slices=slices,
+                       model_settings={k: v for k, v in glob.items() if method.param(k).per_model})
 
 
 #: Larger config files are refused (a merge config is a few KiB).

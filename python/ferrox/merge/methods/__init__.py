@@ -6,8 +6,8 @@ mergekit has:
 - ``generalized``: linear, task_arithmetic, ties, dare_*, breadcrumbs*,
   run by the Rust core (``GeneralizedTaskArithmetic``, ``in_core``);
 - ``slerp``: slerp, nuslerp, multislerp; ``karcher``; ``nearswap``;
-  ``model_stock``; ``della`` (della, della_linear); ``sce``: per-tensor
-  torch functions (``TensorMethod``).
+  ``model_stock``; ``della`` (della, della_linear); ``sce``; ``passthrough``
+  (with ``slices``): per-tensor torch functions (``TensorMethod``).
 
 The CLI, the config loader and the docs all read ``METHODS``. A new method
 is a ``TensorMethod`` (its kernel, its ``Param``s, its base policy and input
@@ -16,7 +16,7 @@ counts) passed to ``register``.
 
 from typing import Dict
 
-from . import della, generalized, karcher, model_stock, nearswap, sce, slerp
+from . import della, generalized, karcher, model_stock, nearswap, passthrough, sce, slerp
 from .base import REQUIRED, Inputs, MergeMethod, Param, TensorMethod  # noqa: F401
 from .generalized import MODEL_DEFAULTS, GeneralizedTaskArithmetic  # noqa: F401
 
@@ -33,7 +33,7 @@ def register(method: MergeMethod) -> MergeMethod:
     return method
 
 
-for _family in (generalized, slerp, karcher, nearswap, model_stock, della, sce):
+for _family in (generalized, slerp, karcher, nearswap, model_stock, della, sce, passthrough):
     for _m in _family.METHODS:
         register(_m)
 
