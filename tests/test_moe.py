@@ -575,3 +575,23 @@ def test_shards_and_tied_embeddings(models, tmp_path):
     moe = _load_mixtral(rep.out)
     assert json.load(open(os.path.join(rep.out, "config.json")))["tie_word_embeddings"] is True
     assert moe.lm_head.weight.data_ptr() == moe.model.embed_tokens.weight.data_ptr()
+
+
+def test_mistral_base(models, tmp_path):
+    """A Mistral base: its defaults (not Mixtral's) fill the config, the sliding window is dropped as mergekit
+    does, and identical experts give the dense Mistral back."""
+    base, exps = models["f32"]
+    cfg = json.load(open(os.path.join(base, "config.json")))
+    cfg.update(model_type="mistral", architectures=["MistralForCausalLM"], sliding_window=4096)
+    cfg.pop("num_key_value_heads")  # Mistral's default (8) is not Llama's (= heads)
+    cfg["num_attention_heads"] = 16  # so that the defaults (8 for Mistral, = heads for Llama) differ
+    mistral = synthetic.write_model(str(tmp_path / "mistral"), _state(base), cfg)
+    rep = build_moe(parse_config(_cfg(mistral, [mistral] * 2)), tmp_path / "moe", progress=False)
+    out_cfg = json.load(open(os.path.join(rep.out, "config.json")))
+    assert out_cfg["num_key_value_heads"] == 8 and out_cfg["sliding_window"] is None
+    dense = transformers.MistralForCausalLM.from_pretrained(mistral, dtype=torch.float32).eval()
+    ids = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(_load_mixtral(rep.out)(ids).logits, dense(ids).logits, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"experts\[1\].source_model: model_type 'llama', the base's is 'mistral'"):
+        build_moe(parse_config(_cfg(mistral, [mistral, exps[0]])), tmp_path / "mixed", progress=False)
