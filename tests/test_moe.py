@@ -585,7 +585,10 @@ def test_mistral_base(models, tmp_path):
     cfg.update(model_type="mistral", architectures=["MistralForCausalLM"], sliding_window=4096)
     cfg.pop("num_key_value_heads")  # Mistral's default (8) is not Llama's (= heads)
     cfg["num_attention_heads"] = 16  # so that the defaults (8 for Mistral, = heads for Llama) differ
-    mistral = synthetic.write_model(str(tmp_path / "mistral"), _state(base), cfg)
+    state = _state(base)
+    for n in [n for n in state if n.endswith(("k_proj.weight", "v_proj.weight"))]:
+        state[n] = state[n][:32].clone()  # 8 KV heads of 4 dims
+    mistral = synthetic.write_model(str(tmp_path / "mistral"), state, cfg)
     rep = build_moe(parse_config(_cfg(mistral, [mistral] * 2)), tmp_path / "moe", progress=False)
     out_cfg = json.load(open(os.path.join(rep.out, "config.json")))
     assert out_cfg["num_key_value_heads"] == 8 and out_cfg["sliding_window"] is None
