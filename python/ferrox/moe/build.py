@@ -263,7 +263,7 @@ def build_moe(config, out, *, layout: str = "experts", force: bool = False, fsyn
     router_dt = out_dt or "F32"
     for l in range(n_layers):
         plan(router_name(l, layout), router_dt, (n_exp, hidden), {"from": f"router ({cfg.gate_mode})"})
-        g, u, d = (ffn_src[(l, 0, p)] for p in FFN)
+        g, _, d = (ffn_src[(l, 0, p)] for p in FFN)
         if layout == "experts":
             for e in range(n_exp):
                 for p, (name, _) in _ffn_names(l, e, layout, n_exp).items():
