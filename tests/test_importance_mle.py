@@ -186,6 +186,8 @@ def test_sampling_is_within_eps_with_the_stated_probability():
     exact = multilinear_gradient(ids, u, k, probs)
     span = max(u.max(), 0) - min(u.min(), 0)
     assert sample_count(u, k, eps, delta) == math.ceil(2 * (span / k) ** 2 * math.log(2 / delta) / eps ** 2)
+    assert sample_count(np.array([[0.5, 9.0]]), 1, eps, delta, retrieved=np.array([[3, -1]])) == \
+        math.ceil(2 * 0.5 ** 2 * math.log(2 / delta) / eps ** 2)
     seeds = 100
     est = np.stack([sampled_gradient(ids, u, k, probs, eps, delta, seed=s) for s in range(seeds)])
     err = np.abs(est - exact)

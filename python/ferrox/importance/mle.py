@@ -130,12 +130,15 @@ def multilinear_gradient(retrieved, utility, k, probs, *, indptr=None):
     return _wrap(out, retrieved, utility, probs, device_of=probs)
 
 
-def sample_count(utility, k, eps, delta):
+def sample_count(utility, k, eps, delta, retrieved=None):
     """Existence patterns per query that ``sampled_gradient`` draws:
     ``ceil(2 * w**2 * ln(2/delta) / eps**2)`` with ``w = (max - min) / k`` over
     the utilities and 0 (Hoeffding's inequality for a mean of values in
-    [-w, w])."""
-    u = np.asarray(utility, dtype=np.float64)
+    [-w, w]). Pass ``retrieved`` (padded form) to leave out the utilities
+    at ``-1`` padding, as ``sampled_gradient`` does."""
+    u = _floats("utility", utility)
+    if retrieved is not None:
+        u = u[_ids("retrieved", retrieved) != -1]
     span = float(max(u.max(initial=0.0), 0.0) - min(u.min(initial=0.0), 0.0))
     return _core.mle_sample_count(span, _check_k(k), float(eps), float(delta))
 

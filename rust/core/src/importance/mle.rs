@@ -536,7 +536,7 @@ pub fn sample_count(span: f64, k: usize, eps: f64, delta: f64) -> Result<usize> 
     check_eps_delta(eps, delta)?;
     let w = span / k as f64;
     let s = (2.0 * w * w * (2.0 / delta).ln() / (eps * eps)).ceil();
-    if !(s <= 1e12) {
+    if s > 1e12 {
         return Err(Error::Value(format!(
             "eps: {eps} with delta {delta} needs {s} samples per query; use a larger eps or delta"
         )));
