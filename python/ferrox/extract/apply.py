@@ -23,7 +23,8 @@ from ..output import OutputFolder, PlannedTensor
 from .lora import ADAPTER_FILE, CONFIG_FILE
 
 PREFIX = "base_model.model."
-_LORA = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?P<suffix>\.weight|\.bias)?$")
+_LORA = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)"
+                   r"(?P<suffix>\.weight|\.bias)?$")
 
 
 def split_lora_ref(ref: str):
