@@ -1,7 +1,7 @@
 """Multilinear-extension (MLE) data importance for retrieval corpora.
 
 The model (Lyu et al., "Improving Retrieval-Augmented Large Language Models
-with Data-Centric Refinement", the method of ``ragbooster``): every corpus
+via Data Importance Learning", the method of ``ragbooster``): every corpus
 item ``i`` exists independently with probability ``probs[i]``; for each
 validation query the model keeps the first ``k`` *existing* items of its
 ranked retrieval and scores ``U = (1/k) * sum of their utilities`` (e.g. 1

@@ -2,7 +2,8 @@
 //! retrieval-augmented model and which hurt it.
 //!
 //! `mle` holds the multilinear-extension (MLE) importance of Lyu et al.
-//! ("Improving Retrieval-Augmented LLMs with Data-Centric Refinement"): every
+//! ("Improving Retrieval-Augmented Large Language Models via Data Importance
+//! Learning"): every
 //! corpus item exists independently with a probability, the model averages
 //! the utilities of the top-k *existing* items of each query's ranking, and
 //! the gradient of the expected utility in the probabilities (exact by a
