@@ -276,60 +276,35 @@ def test_fakepedia_toy():
 
 # ------------------------------------------------------------ planted noise
 
-def _knn_accuracy(corpus_x, corpus_y, keep, queries, labels, k):
-    from sklearn.neighbors import KNeighborsClassifier
-
-    clf = KNeighborsClassifier(n_neighbors=k, algorithm="kd_tree").fit(corpus_x[keep], corpus_y[keep])
-    return float(np.mean(clf.predict(queries) == labels))
-
-
 def test_planted_noise_pruning_beats_random_pruning():
-    """10k synthetic items (4 Gaussian classes in 2-d), 30% of the labels
-    flipped to another class. Validation queries (clean labels) retrieve their
-    M = 20 nearest items; an item's utility is 1 if its label equals the
-    query's, else 0; the model is a k = 5 nearest-neighbour vote. Learning
-    importance and pruning the 30% lowest must raise validation and test
-    accuracy more than pruning 30% at random."""
-    rng = np.random.default_rng(10)
-    n, classes, k, m = 10_000, 4, 5, 20
-    centres = np.array([[0, 0], [2.2, 0], [0, 2.2], [2.2, 2.2]])
+    """``ferrox.testing.retrieval.planted_noise``: 10k synthetic items (4
+    Gaussian classes in 2-d), 30% of the labels flipped to another class.
+    Validation queries (clean labels) retrieve their M = 20 nearest items; an
+    item's utility is 1 if its label equals the query's, else 0; the model is
+    a k = 5 nearest-neighbour vote. Learning importance and pruning the 30%
+    lowest must raise validation and test accuracy more than pruning 30% at
+    random."""
+    from ferrox.testing.retrieval import planted_noise
 
-    def draw(size):
-        y = rng.integers(0, classes, size)
-        return centres[y] + rng.normal(size=(size, 2)), y
-
-    x, y_clean = draw(n)
-    noisy = rng.random(n) < 0.3
-    y = np.where(noisy, (y_clean + rng.integers(1, classes, n)) % classes, y_clean)
-    val_x, val_y = draw(3000)
-    test_x, test_y = draw(2000)
-
-    from sklearn.neighbors import NearestNeighbors
-
-    retrieved = NearestNeighbors(n_neighbors=m).fit(x).kneighbors(val_x, return_distance=False)  # nearest first
-    utility = (y[retrieved] == val_y[:, None]).astype(np.float64)
-    v = learn_importance((retrieved, utility), k, 200.0, 5, num_items=n)
-
+    c = planted_noise(seed=10)
+    n = c.x.shape[0]
+    v = learn_importance((c.retrieved, c.utility), c.k, 200.0, 5, num_items=n)
     everything = np.ones(n, dtype=bool)
-
-    def accuracy(keep):
-        return _knn_accuracy(x, y, keep, val_x, val_y, k), _knn_accuracy(x, y, keep, test_x, test_y, k)
-
-    base = accuracy(everything)
+    base = c.accuracy(everything)
     pruned = everything.copy()
     pruned[prune_lowest(v, 3000)] = False
-    learned = accuracy(pruned)
+    learned = c.accuracy(pruned)
     randoms = []
     for seed in range(3):
         keep = everything.copy()
         keep[np.random.default_rng(seed).choice(n, 3000, replace=False)] = False
-        randoms.append(accuracy(keep))
+        randoms.append(c.accuracy(keep))
     random_val, random_test = np.mean(randoms, axis=0)
     print(f"accuracy val/test: all {base}, importance-pruned {learned}, random-pruned ({random_val}, {random_test}); "
-          f"noisy share of the pruned: {noisy[~pruned].mean():.3f}")
+          f"noisy share of the pruned: {c.noisy[~pruned].mean():.3f}")
     assert learned[0] - base[0] > random_val - base[0] + 0.01
     assert learned[1] - base[1] > random_test - base[1] + 0.01
-    assert noisy[~pruned].mean() > 0.6  # it finds the planted noise
+    assert c.noisy[~pruned].mean() > 0.6  # it finds the planted noise
 
 
 # ------------------------------------------------------------ outputs

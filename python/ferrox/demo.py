@@ -17,6 +17,10 @@
    same topic's sentences (``ferrox.testing.minilm``; trained and cached on
    the first run), compressed, with its size and the cosine of its held-out
    sentence embeddings to the fine-tune's.
+6. Data importance (``ferrox.importance``): a 10k-item retrieval corpus with
+   30% planted label noise; multilinear-extension importance learned on
+   validation queries, the lowest 30% pruned, k-NN accuracy before and after
+   (against pruning at random), and which items were flagged.
 """
 
 import os
@@ -97,7 +101,35 @@ def main() -> int:
         print(f"  {label:<18}" + "".join(f"{v:12.2f}" for v in values))
     _bitdelta(base, fts["statements"], split)
     _minilm_bitdelta()
+    _importance()
     return 0
+
+
+def _importance() -> None:
+    """Planted label noise found by multilinear-extension importance."""
+    import numpy as np
+
+    from .importance import learn_importance, prune_lowest
+    from .testing.retrieval import planted_noise
+
+    c = planted_noise(seed=10)
+    n = c.x.shape[0]
+    start = time.perf_counter()
+    v = learn_importance((c.retrieved, c.utility), c.k, 200.0, 5, num_items=n)
+    took = time.perf_counter() - start
+    cut = int(0.3 * n)
+    keep = np.ones(n, dtype=bool)
+    keep[prune_lowest(v, cut)] = False
+    rand = np.ones(n, dtype=bool)
+    rand[np.random.default_rng(0).choice(n, cut, replace=False)] = False
+    print(f"\ndata importance: {n:,} retrieval items (4 classes, {c.noisy.mean():.0%} labels flipped), "
+          f"{len(c.val_y):,} validation queries x {c.retrieved.shape[1]} retrieved; importance learned in {took:.2f} s")
+    for label, mask in (("all items", np.ones(n, dtype=bool)), (f"lowest {cut:,} pruned", keep), (f"random {cut:,} pruned", rand)):
+        val, test = c.accuracy(mask)
+        print(f"  {label:<20} {c.k}-NN accuracy: validation {val:.3f}, test {test:.3f}")
+    flagged = prune_lowest(v, 5)
+    print(f"  {c.noisy[~keep].mean():.0%} of the pruned items carry a flipped label; the five lowest: "
+          + ", ".join(f"#{i} ({'flipped' if c.noisy[i] else 'clean'})" for i in flagged))
 
 
 def _minilm_bitdelta() -> None:
