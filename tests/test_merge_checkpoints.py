@@ -204,7 +204,7 @@ def test_signal_mid_merge_leaves_nothing_and_keeps_existing_output(llama, tmp_pa
         (lambda c: c["models"][0]["parameters"].update(density=1.5), "density must be a fraction in [0, 1], got 1.5"),
         (lambda c: c["models"][0].update(model="meta-llama/Llama-3-8B"), "hub model id"),
         (lambda c: c.update(models=[]), "models must be a non-empty list"),
-        (lambda c: c.update(merge_method="della"), "unknown method 'della'"),
+        (lambda c: c.update(merge_method="not_a_method"), "unknown method 'not_a_method'"),
         (lambda c: c["models"][0]["parameters"].pop("weight"), "'weight' is required"),
     ],
 )

@@ -98,7 +98,7 @@ def test_magprune_sampling_matches_a_naive_reference():
     probs = magprune_probabilities(delta, density, eps)
     assert torch.allclose(probs.double(), naive_probabilities(delta, density, eps), atol=1e-6)
     assert abs(float(probs.mean()) - density) < 1e-6
-    draws = 3000
+    draws = 1500
     kept = torch.zeros_like(delta)
     for _ in range(draws):
         out = magprune(delta, density, eps, rescale=False, generator=g)
@@ -130,6 +130,13 @@ def test_della_mask_seed_and_errors(models, tmp_path):
     c = fx_merge(dict(raw, parameters={"seed": 6}), tmp_path / "c")
     assert all(torch.equal(a[n], b[n]) for n in a)  # reproducible
     assert any(not torch.equal(a[n], c[n]) for n in a)  # the seed changes the draws
+    # merge_tensors draws the same masks as a checkpoint merge (same tensor name, same seed).
+    from ferrox.merge import merge_tensors
+
+    name = "model.layers.0.mlp.down_proj.weight"
+    bt, ins = load_folder(base), [load_folder(f) for f in fts]
+    got = merge_tensors("della", bt[name], [i[name] for i in ins], weight=1.0, density=0.5, seed=5, tensor_name=name)
+    assert torch.equal(got, a[name])
     with pytest.raises(ConfigError, match=r"density - epsilon > 0 and density \+ epsilon < 1.*density 0.1, "
                                           r"epsilon 0.15"):
         parse_config(config("della", str(base), fts, None, [{"weight": 1.0, "density": 0.1}] * 2))

@@ -212,8 +212,8 @@ def test_errors_name_the_problem():
         merge_tensors("ties", base, models, density=1.5)
     with pytest.raises(ValueError, match="models: expected at least one model"):
         merge_tensors("ties", base, [])
-    with pytest.raises(ValueError, match="unknown method 'della'"):
-        merge_tensors("della", base, models)
+    with pytest.raises(ValueError, match="unknown method 'not_a_method'"):
+        merge_tensors("not_a_method", base, models)
     with pytest.raises(ValueError, match=r"models\[1\]: float32 \[4, 4\]"):
         merge_tensors("ties", base, [models[0], torch.zeros(4, 4)])
     bad = models[1].clone()

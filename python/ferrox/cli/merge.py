@@ -30,7 +30,7 @@ def add_parser(sub, parent=None):
                                   f"merge_method: {', '.join(sorted(METHODS))}")
     _common.add_output_options(p)
     p.add_argument("--cuda", action="store_true", help="same as --device cuda (mergekit's flag)")
-    p.add_argument("--random-seed", type=int, help="seed for DARE masks (overrides the config's seed)")
+    p.add_argument("--random-seed", type=int, help="seed for DARE and DELLA masks (overrides the config's seed)")
     p.add_argument("--out-shard-size", type=shard_size, default=shard_size("5B"),
                    help="bytes per output shard, as mergekit counts them (default 5B = 5*10^9 bytes; "
                         "a larger tensor gets a shard of its own; 0: one shard)")

@@ -44,15 +44,18 @@ def merge_tensors(
     with their scratch taken from torch's allocator.
 
     Methods outside generalized task arithmetic (``slerp``, ``nuslerp``,
-    ``multislerp``, ``karcher``, ``nearswap``, ``model_stock``) take their
-    global parameters as keywords (``t=0.3``, ``filter_wise=True``; mergekit's
-    defaults otherwise) and ``weight`` per model where they read one. Their
+    ``multislerp``, ``karcher``, ``nearswap``, ``model_stock``, ``della``,
+    ``della_linear``, ``sce``, ``passthrough``) take their global parameters
+    as keywords (``t=0.3``, ``filter_wise=True``; mergekit's defaults
+    otherwise) and ``weight``/``density`` per model where they read one
+    (della's masks are seeded by ``seed`` and ``tensor_name``). Their
     inputs are ``base`` (when given) then ``models``; they compute in float32
     and return the inputs' dtype (``out``, when given, receives the result).
     """
     m: MergeMethod = method if isinstance(method, MergeMethod) else get_method(method)
     if not m.in_core:
         return _merge_torch(m, base, list(models), weight=weight, check_finite=check_finite, out=out,
+                            tensor_name=tensor_name,
                             unused=dict(density=density, gamma=gamma, lam=lam, normalize=normalize, rescale=rescale,
                                         granularity=granularity, seed=seed, chunk_len=chunk_len), params=params)
     if params:
@@ -87,9 +90,20 @@ _GTA_DEFAULTS = dict(density=None, gamma=None, lam=1.0, normalize=None, rescale=
                     chunk_len=0)
 
 
-def _merge_torch(m, base, models, *, weight, check_finite, out, unused, params):
+def _merge_torch(m, base, models, *, weight, check_finite, out, unused, params, tensor_name=""):
     if not models:
         raise ValueError("models: expected at least one model, got none")
+    # Per-model values a torch method declares (della's density) are read like weight.
+    lists = {k: unused.pop(k) for k in ("density", "gamma") if k in m.model_params and unused.get(k) is not None}
+    # Shared GTA keywords a torch method declares (della's seed, normalize, rescale, lambda) are its parameters.
+    params = dict(params)
+    for key in list(unused):
+        name = "lambda" if key == "lam" else key
+        declared = m.param(name)
+        if declared is not None and not declared.per_model:
+            value = unused.pop(key)
+            if value is not None and name not in params:
+                params[name] = value
     for key, value in unused.items():
         if value != _GTA_DEFAULTS[key]:
             raise ValueError(f"{key}: {m.name} does not read {key} (its parameters: "
@@ -116,7 +130,13 @@ def _merge_torch(m, base, models, *, weight, check_finite, out, unused, params):
         raise ValueError(f"weight: {m.name} does not read per-model weights")
     else:
         per_model = [{} for _ in range(n_other)]
-    result = m.merge(tensors, base_index, params, per_model).to(tensors[0].dtype)
+    for key, value in lists.items():
+        values = [value] * n_other if isinstance(value, (int, float)) else list(value)
+        if len(values) != n_other:
+            raise ValueError(f"{key}: expected {n_other} values (one per model), got {len(values)}")
+        for pm, v in zip(per_model, values):
+            pm[key] = v
+    result = m.merge(tensors, base_index, params, per_model, tensor_name=tensor_name).to(tensors[0].dtype)
     if out is None:
         return result
     out.copy_(result)
