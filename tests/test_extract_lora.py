@@ -426,3 +426,33 @@ def test_apply_lora_refusals(tmp_path):
     assert split_lora_ref("models/a") == ("models/a", None)
     with pytest.raises(ValueError, match="MODEL\\+LORA"):
         split_lora_ref("models/a+")
+
+
+def test_streams_one_matrix_pair_at_a_time(tmp_path, monkeypatch):
+    """Tensors are read one at a time from each checkpoint and dropped before
+    the next: at most a base and a fine-tune tensor are alive at once."""
+    import weakref
+
+    from ferrox import checkpoint
+
+    base = synthetic.make_llama(str(tmp_path / "base"), hidden=32, layers=3, vocab=64, dtype=torch.bfloat16)
+    ft = synthetic.fine_tune(base, str(tmp_path / "ft"), seed=4)
+    live, peak, reads = [0], [0], []
+    original = checkpoint.TensorReader.read
+
+    def counted(self, entry):
+        t = original(self, entry)
+        live[0] += 1
+        peak[0] = max(peak[0], live[0])
+        reads.append(entry.name)
+
+        def dead():
+            live[0] -= 1
+
+        weakref.finalize(t, dead)
+        return t
+
+    monkeypatch.setattr(checkpoint.TensorReader, "read", counted)
+    r = extract_lora(base, ft, 2, out=tmp_path / "a", modules_to_save=["lm_head"], progress=False)
+    assert peak[0] <= 2
+    assert len(r.tensors) == 21 and len(reads) == 2 * 21 + 1  # each factored matrix from both, lm_head once
