@@ -8,13 +8,15 @@ dense matmul it replaces.
   reference code's packing on the loaded tensors (Δ = ft − base, sign bits
   shifted and summed over int64 groups of 64, α = mean |Δ|). Checked to
   agree (the int64 words' bytes are ferrox's packed rows) before timing.
-- ``matmul``: y = x·W_ftᵀ for x [batch, in]. ferrox: the base GEMM in torch
-  (x·W_baseᵀ) plus ``delta_matmul(..., accumulate=True)``; torch: the dense
+- ``matmul``: y = x·W_ftᵀ for x [batch, in]. ferrox: what ``BitDeltaLinear``
+  runs: up to ``FUSED_MAX_ROWS`` rows the fused ``delta_linear`` (base rows
+  and sign rows in one pass), above it the base GEMM in torch (x·W_baseᵀ)
+  plus ``delta_matmul(..., accumulate=True)``; torch: the dense
   matmul with W_ft = W_base + α·S materialised. f32 and bf16 activations
   (bf16 weights for bf16), 4096x4096 and 11008x4096 (out x in), batch
   1/4/16/64 (``--quick``: 4096x4096, batch 1 and 16).
-- ``multi8``: 8 tenants, one batch row each (batch 8): ferrox one base GEMM
-  plus one ``delta_matmul_multi``; torch 8 dense GEMVs, one per tenant's W_ft.
+- ``multi8``: 8 tenants, one batch row each (batch 8): ferrox one fused
+  ``delta_linear`` with adapter ids; torch 8 dense GEMVs, one per tenant's W_ft.
 """
 
 import json
@@ -25,6 +27,7 @@ import tempfile
 import torch
 
 from ferrox import _core
+from ferrox.delta.modules import FUSED_MAX_ROWS
 
 NAME = "delta"
 MAIN_COMPARATOR = "torch"
@@ -160,6 +163,11 @@ def _ferrox(d):
     if "names" in d:
         return _ferrox_compress(d)
     y = d["y"]
+    if d["x"].shape[0] <= FUSED_MAX_ROWS:  # the modules' fused CPU path
+        multi = d["kind"] == "multi8"
+        _core.delta_linear(d["x"], d["base"], None, d["signs"] if multi else d["signs"][0],
+                           d["alphas"] if multi else d["alphas"][0].item(), d["ids"] if multi else None, y)
+        return y.float().clone()
     torch.matmul(d["x"], d["base"].T, out=y)
     if d["kind"] == "multi8":
         _core.delta_matmul_multi(d["x"], d["signs"], d["alphas"], d["ids"], y, accumulate=True)

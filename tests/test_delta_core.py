@@ -451,3 +451,124 @@ def test_alpha_of_one_tenant_may_be_a_one_element_tensor():
     _core.delta_matmul(x, signs[0], torch.tensor(0.25), y2)
     _core.delta_matmul(x, signs[0], np.float32(0.25), y3)
     assert torch.equal(y1, y2) and torch.equal(y2, y3)
+
+
+# ------------------------------------------------------------------ the fused linear
+
+
+def fused_ref(x, w, bias, signs, alpha, inf):
+    """x·(W + α ⊙ S)ᵀ + bias in f64, S spelled out (the dense fine-tune)."""
+    s = unpack(signs, inf)
+    a = alpha.double().reshape(-1, 1) if torch.is_tensor(alpha) else alpha
+    w_ft = w.double() + a * s
+    y = rows_of(x).double() @ w_ft.T
+    return y + bias.double() if bias is not None else y
+
+
+def linear_inputs(g, dtype, batch, inf, out, tenants=None):
+    x = torch.randn(batch, inf, generator=g).to(dtype)
+    w = (0.1 * torch.randn(out, inf, generator=g)).to(dtype)
+    bias = torch.randn(out, generator=g).to(dtype)
+    shape = (out, (inf + 7) // 8) if tenants is None else (tenants, out, (inf + 7) // 8)
+    signs = torch.randint(0, 256, shape, dtype=torch.uint8, generator=g)
+    return x, w, bias, signs
+
+
+@given(st.sampled_from(DTYPES), st.integers(1, 16), st.integers(1, 300), st.integers(1, 40), st.booleans(),
+       st.booleans(), st.integers(0, 2**31))
+@settings(deadline=None, max_examples=40)
+def test_fused_linear_matches_the_dense_reference(dtype, batch, inf, out, per_row, with_bias, seed):
+    g = torch.Generator().manual_seed(seed)
+    x, w, bias, signs = linear_inputs(g, dtype, batch, inf, out)
+    bias = bias if with_bias else None
+    alpha = (torch.rand(out, generator=g) * 0.05 + 0.01) if per_row else 0.03
+    y = torch.empty(batch, out, dtype=dtype)
+    _core.delta_linear(x, w, bias, signs, alpha, None, y)
+    want = fused_ref(x, w, bias, signs, alpha, inf)
+    # Relative to the value, plus a sliver of Σ|x·W_ft| for cancellation.
+    w_ft = w.double() + (alpha.double().reshape(-1, 1) if per_row else alpha) * unpack(signs, inf)
+    norm = (x.double().abs() @ w_ft.abs().T) * 1e-2
+    err = (y.double() - want).abs()
+    assert bool((err <= TOL[dtype] * (want.abs() + norm)).all()), (err.max().item(), dtype)
+    # The sign part is delta_matmul's bit for bit: with W = 0 and no bias
+    # the fused result is exactly α·(x·Sᵀ).
+    zero_w = torch.zeros_like(w)
+    y0, ym = torch.empty_like(y), torch.empty_like(y)
+    _core.delta_linear(x, zero_w, None, signs, alpha, None, y0)
+    _core.delta_matmul(x, signs, alpha, ym)
+    assert torch.equal(y0.view(INTS[dtype]), ym.view(INTS[dtype]))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_linear_rows_do_not_depend_on_the_batch_or_threads(dtype):
+    g = torch.Generator().manual_seed(21)
+    batch, inf, out = 16, 333, 70
+    x, w, bias, signs = linear_inputs(g, dtype, batch, inf, out)
+    full = torch.empty(batch, out, dtype=dtype)
+    _core.delta_linear(x, w, bias, signs, 0.02, None, full)
+    for size in (1, 3, 7):
+        for s in range(0, batch, size):
+            part = torch.empty(min(size, batch - s), out, dtype=dtype)
+            _core.delta_linear(x[s:s + size].contiguous(), w, bias, signs, 0.02, None, part)
+            assert torch.equal(part.view(INTS[dtype]), full[s:s + size].view(INTS[dtype])), (size, s)
+    try:
+        _core.set_num_threads(1)
+        one = torch.empty_like(full)
+        _core.delta_linear(x, w, bias, signs, 0.02, None, one)
+    finally:
+        _core.set_num_threads(os.cpu_count() or 1)
+    assert torch.equal(one.view(INTS[dtype]), full.view(INTS[dtype]))
+    # Leading dims are rows.
+    lead = torch.empty(4, 4, out, dtype=dtype)
+    _core.delta_linear(x.reshape(4, 4, inf), w, bias, signs, 0.02, None, lead)
+    assert torch.equal(lead.reshape(batch, out).view(INTS[dtype]), full.view(INTS[dtype]))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("per_row", [False, True])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_fused_multi_tenant_rows_equal_single_tenant(dtype, per_row, with_bias):
+    g = torch.Generator().manual_seed(22 + per_row)
+    tenants, batch, inf, out = 5, 13, 130, 37
+    x, w, bias, signs = linear_inputs(g, dtype, batch, inf, out, tenants)
+    bias = bias if with_bias else None
+    alphas = torch.rand((tenants, out) if per_row else (tenants,), generator=g) * 0.05 + 0.01
+    ids = torch.randint(0, tenants, (batch,), generator=g)
+    y = torch.empty(batch, out, dtype=dtype)
+    _core.delta_linear(x, w, bias, signs, alphas, ids, y)
+    for b in range(batch):
+        t = ids[b].item()
+        row = torch.empty(1, out, dtype=dtype)
+        _core.delta_linear(x[b:b + 1], w, bias, signs[t], alphas[t] if per_row else alphas[t].item(), None, row)
+        assert torch.equal(row[0].view(INTS[dtype]), y[b].view(INTS[dtype])), (b, t)
+        want = fused_ref(x[b:b + 1], w, bias, signs[t], alphas[t] if per_row else alphas[t].item(), inf)
+        assert torch.allclose(row.double(), want, rtol=TOL[dtype], atol=TOL[dtype] * 0.5)
+
+
+def test_fused_linear_errors_name_what_is_wrong():
+    x, w, b = torch.randn(3, 20), torch.randn(4, 20), torch.randn(4)
+    signs = torch.zeros(4, 3, dtype=torch.uint8)
+    y = torch.empty(3, 4)
+    with pytest.raises(ValueError, match=r"weight: expected shape \[4, 20\], got \[4, 19\]"):
+        _core.delta_linear(x, w[:, :19].contiguous(), b, signs, 1.0, None, y)
+    with pytest.raises(TypeError, match=r"weight: dtype bfloat16 does not match x \(float32\)"):
+        _core.delta_linear(x, w.bfloat16(), b, signs, 1.0, None, y)
+    with pytest.raises(ValueError, match=r"bias: expected shape \[4\], got \[5\]"):
+        _core.delta_linear(x, w, torch.randn(5), signs, 1.0, None, y)
+    with pytest.raises(TypeError, match=r"bias: dtype float16 does not match x \(float32\)"):
+        _core.delta_linear(x, w, b.half(), signs, 1.0, None, y)
+    with pytest.raises(ValueError, match=r"signs: expected shape \[out_features, 3\] for in_features 20"):
+        _core.delta_linear(x, w, b, torch.zeros(4, 2, dtype=torch.uint8), 1.0, None, y)
+    with pytest.raises(ValueError, match=r"out: expected shape \[3, 4\], got \[3, 5\]"):
+        _core.delta_linear(x, w, b, signs, 1.0, None, torch.empty(3, 5))
+    with pytest.raises(ValueError, match=r"out.*weight"):
+        _core.delta_linear(x, w, b, signs, 1.0, None, w.view(-1)[:12].view(3, 4))
+    stacked = torch.zeros(2, 4, 3, dtype=torch.uint8)
+    with pytest.raises(ValueError, match=r"adapter_ids\[1\]: expected a fine-tune index in \[0, 2\), got 2"):
+        _core.delta_linear(x, w, b, stacked, torch.ones(2), torch.tensor([0, 2, 1]), y)
+    with pytest.raises(ValueError, match=r"adapter_ids: expected shape \[3\], got \[2\]"):
+        _core.delta_linear(x, w, b, stacked, torch.ones(2), torch.tensor([0, 1]), y)
+    with pytest.raises(ValueError, match="alphas: expected a float32 tensor"):
+        _core.delta_linear(x, w, b, stacked, 1.0, torch.tensor([0, 1, 1]), y)
+    with pytest.raises(ValueError, match=r"signs: expected shape \[tenants, out_features, 3\]"):
+        _core.delta_linear(x, w, b, signs, torch.ones(2), torch.tensor([0, 1, 1]), y)

@@ -7,6 +7,13 @@ neither S nor W_ft is ever materialised in the forward pass.
 ``MultiDeltaLinear`` serves several fine-tunes of one base in one batch:
 row i uses fine-tune ``adapter_ids[i]``, one kernel call per layer.
 
+On the CPU without autograd, up to ``FUSED_MAX_ROWS`` rows (decode-style
+batches), both modules call the fused ``_core.delta_linear``: one pass over
+the base rows and the sign rows computes x·W_baseᵀ + bias + α·(x·Sᵀ) with a
+fixed summation order per output element, so a row's result does not depend
+on the batch it is in. Larger batches (and CUDA) take torch's GEMM for the
+base product plus the 1-bit kernel.
+
 Training α (scale distillation) takes another path: calibration batches
 are large (thousands of rows), where a dense GEMM beats the 1-bit kernel
 (measured 5x on the tiny GPT), and the gradient with respect to x multiplies
@@ -23,6 +30,27 @@ from torch import nn
 from .. import _core
 from ..cuda import stream_of
 from . import format as fmt
+
+#: Batch rows (x's rows, all leading dims together) up to which a CPU forward
+#: without autograd runs the fused kernel ``_core.delta_linear`` (base rows and
+#: sign rows in one pass); above it torch's GEMM plus the 1-bit kernel. Measured
+#: on the 2-core benchmark box (4096x4096, 11008x4096, f32 and bf16): see
+#: benches/results/delta.md.
+FUSED_MAX_ROWS = 16
+
+
+def _fused(x: torch.Tensor, weight: torch.Tensor, *others) -> bool:
+    """Whether a forward takes the fused CPU kernel: CPU, few rows, x in the
+    weight's dtype, a contiguous weight (never copied), nothing recording
+    a graph."""
+    if x.device.type != "cpu" or x.dtype != weight.dtype or not weight.is_contiguous():
+        return False
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16) or x.dim() == 0:
+        return False
+    if x.numel() // max(1, x.shape[-1]) > FUSED_MAX_ROWS:
+        return False
+    return not (torch.is_grad_enabled()
+                and any(t is not None and t.requires_grad for t in (x, weight) + others))
 
 
 def _unpack_signs(signs: torch.Tensor, cols: int, dtype) -> torch.Tensor:
@@ -78,6 +106,12 @@ class BitDeltaLinear(nn.Module):
         self.alpha = nn.Parameter(alpha.to(base.weight.device), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _fused(x, self.weight, self.bias, self.alpha):
+            alpha = float(self.alpha) if self.alpha.dim() == 0 else self.alpha.detach().float().contiguous()
+            bias = None if self.bias is None else self.bias.detach().contiguous()
+            y = torch.empty(*x.shape[:-1], self.out_features, dtype=x.dtype)
+            _core.delta_linear(x.detach().contiguous(), self.weight.detach(), bias, self.signs, alpha, None, y)
+            return y
         y = nn.functional.linear(x, self.weight, self.bias)
         if torch.is_grad_enabled() and (self.alpha.requires_grad or x.requires_grad):
             d = _SignMatmul.apply(x, self.signs, self.in_features)
@@ -125,6 +159,12 @@ class MultiDeltaLinear(nn.Module):
             raise ValueError(f"adapter_ids: expected one id per batch row ({x.shape[0]}), got shape {list(ids.shape)}")
         rows = x.reshape(-1, self.in_features).contiguous()
         per_row_ids = ids.repeat_interleave(rows.shape[0] // max(1, x.shape[0])) if x.dim() > 2 else ids
+        if _fused(rows, self.weight, self.bias):
+            bias = None if self.bias is None else self.bias.detach().contiguous()
+            y = torch.empty(rows.shape[0], self.out_features, dtype=x.dtype)
+            _core.delta_linear(rows.detach(), self.weight.detach(), bias, self.signs, self.alphas,
+                               per_row_ids.contiguous(), y)
+            return y.reshape(*x.shape[:-1], self.out_features)
         y = nn.functional.linear(rows, self.weight, self.bias).contiguous()
         _core.delta_matmul_multi(rows, self.signs, self.alphas, per_row_ids.contiguous(), y, True, True, stream_of(x))
         return y.reshape(*x.shape[:-1], self.out_features)

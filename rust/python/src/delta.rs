@@ -427,6 +427,78 @@ pub fn delta_matmul_multi(
     matmul_impl(py, x, signs, alphas, Some(adapter_ids), out, accumulate, check_ids, stream)
 }
 
+/// The fused BitDelta linear on the CPU, for small batches: out = x·Wᵀ +
+/// bias + α ⊙ (x·Sᵀ) in one pass over the base rows and the sign rows,
+/// f32 accumulation in a fixed order per output element (the sign part
+/// bitwise `delta_matmul`'s), one rounding to x's dtype. x [..., in]
+/// float32/16/bfloat16, weight [out, in] and bias [out] (or None) in x's
+/// dtype; without `adapter_ids`: signs uint8 [out, ceil(in/8)], alphas a
+/// number or float32 [out]; with adapter_ids (int64 [rows of x]): signs
+/// [tenants, out, ceil(in/8)], alphas float32 [tenants] or [tenants, out].
+#[pyfunction]
+#[pyo3(signature = (x, weight, bias, signs, alphas, adapter_ids, out))]
+#[allow(clippy::too_many_arguments)]
+pub fn delta_linear(
+    py: Python<'_>,
+    x: &Bound<'_, PyAny>,
+    weight: &Bound<'_, PyAny>,
+    bias: Option<&Bound<'_, PyAny>>,
+    signs: &Bound<'_, PyAny>,
+    alphas: &Bound<'_, PyAny>,
+    adapter_ids: Option<&Bound<'_, PyAny>>,
+    out: &Bound<'_, PyAny>,
+) -> PyResult<()> {
+    let multi = adapter_ids.is_some();
+    let x = Tensor::input("x", x)?;
+    let w = Tensor::input("weight", weight)?;
+    let bias = bias.map(|b| Tensor::input("bias", b)).transpose()?;
+    let signs = Tensor::input("signs", signs)?;
+    let alpha = read_alpha(alphas)?;
+    let ids_t = adapter_ids.map(|t| Tensor::input("adapter_ids", t)).transpose()?;
+    let y = Tensor::output("out", out)?;
+    let (d, alphas, per_row, ids_v) = (|| {
+        x.expect_cpu()?;
+        let d = matmul_dims(&x, &signs, &y, multi)?;
+        w.expect_cpu()?;
+        if w.dtype != x.dtype {
+            return Err(Error::DType(format!("weight: dtype {} does not match x ({})", w.dtype, x.dtype)));
+        }
+        expect_shape(&w, &[d.out_features, d.in_features])?;
+        y.check_alias(&w, false)?;
+        if let Some(b) = &bias {
+            b.expect_cpu()?;
+            if b.dtype != x.dtype {
+                return Err(Error::DType(format!("bias: dtype {} does not match x ({})", b.dtype, x.dtype)));
+            }
+            expect_shape(b, &[d.out_features])?;
+            y.check_alias(b, false)?;
+        }
+        if let PyAlpha::Tensor(t) = &alpha {
+            t.expect_cpu()?;
+        }
+        let (alphas, per_row) = cpu_alphas(&alpha, &d, multi)?;
+        let ids_v = match &ids_t {
+            Some(t) => {
+                t.expect_cpu()?;
+                t.expect_dtype(&[DType::I64])?;
+                expect_shape(t, &[d.batch])?;
+                // SAFETY: an int64 CPU tensor, checked just above.
+                Some(unsafe { t.slice::<i64>() }.to_vec())
+            }
+            None => None,
+        };
+        Ok((d, alphas, per_row, ids_v))
+    })()
+    .map_err(to_py)?;
+    with_float!(x.dtype, "x", T => {
+        // SAFETY: dtypes, devices, shapes and aliasing checked above.
+        let (xs, ws, s, o) = unsafe { (x.slice::<T>(), w.slice::<T>(), signs.slice::<u8>(), y.slice_mut::<T>()) };
+        let bs = bias.as_ref().map(|b| unsafe { b.slice::<T>() });
+        let (alphas, ids_v) = (&alphas, &ids_v);
+        compute(py, move || delta::linear(xs, d, ws, bs, s, Alphas { values: alphas, per_row }, ids_v.as_deref(), o))
+    })
+}
+
 /// Name of the content hash `delta_compress*` return.
 #[pyfunction]
 pub fn delta_hash_name() -> &'static str {

@@ -50,6 +50,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(delta::delta_compress, m)?)?;
     m.add_function(wrap_pyfunction!(delta::delta_restore, m)?)?;
     m.add_function(wrap_pyfunction!(delta::delta_matmul, m)?)?;
+    m.add_function(wrap_pyfunction!(delta::delta_linear, m)?)?;
     m.add_function(wrap_pyfunction!(delta::delta_matmul_multi, m)?)?;
     m.add_function(wrap_pyfunction!(delta::delta_hash_name, m)?)?;
     m.add_function(wrap_pyfunction!(delta::delta_content_hash, m)?)?;

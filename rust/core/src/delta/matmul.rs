@@ -38,7 +38,7 @@ pub struct Alphas<'a> {
 
 impl Alphas<'_> {
     #[inline(always)]
-    fn get(&self, tenant: usize, o: usize, out: usize) -> f32 {
+    pub(crate) fn get(&self, tenant: usize, o: usize, out: usize) -> f32 {
         if self.per_row {
             self.values[tenant * out + o]
         } else {
@@ -114,7 +114,7 @@ static BYTE_MASKS: [[u32; 8]; 256] = {
 
 /// The word `w` of a packed row (bytes past the row read as zero).
 #[inline(always)]
-fn word_at(row: &[u8], w: usize) -> u32 {
+pub(crate) fn word_at(row: &[u8], w: usize) -> u32 {
     let s = w * 4;
     if s + 4 <= row.len() {
         u32::from_le_bytes([row[s], row[s + 1], row[s + 2], row[s + 3]])
@@ -252,7 +252,7 @@ impl Kernel {
         v
     }
 
-    fn best() -> Kernel {
+    pub(crate) fn best() -> Kernel {
         #[cfg(target_arch = "x86_64")]
         if std::is_x86_feature_detected!("avx512f") {
             return Kernel::Avx512;
@@ -261,16 +261,24 @@ impl Kernel {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn run<T: Float>(kernel: Kernel, x: &[T], d: Dims, signs: &[u8], alphas: Alphas<'_>, ids: Option<&[i64]>, y: &mut [T], accumulate: bool) {
-    let (batch, inf, out) = (d.batch, d.in_features, d.out_features);
-    if batch == 0 || out == 0 {
-        return;
-    }
-    let (words, rb) = (d.words(), d.row_bytes());
-    let stride = words * WORD;
-    // Batch rows grouped by tenant (stable), so one tenant's rows share the
-    // mask expansion; `order[p]` is the batch row at position p.
+/// A batch prepared for the kernels: rows grouped by tenant (stable), so
+/// one tenant's rows share the mask expansion, and x widened to f32,
+/// zero-padded to whole words, in group order. Shared with the fused linear.
+pub(crate) struct Prepared {
+    /// order[p]: the batch row at position p.
+    pub order: Vec<usize>,
+    /// pos[b]: the position of batch row b.
+    pub pos: Vec<usize>,
+    /// (tenant, positions) per group.
+    pub groups: Vec<(usize, std::ops::Range<usize>)>,
+    /// x rows in group order, `stride` f32 apart.
+    pub xp: Vec<f32>,
+    pub stride: usize,
+}
+
+pub(crate) fn prepare<T: Float>(x: &[T], d: &Dims, ids: Option<&[i64]>) -> Prepared {
+    let (batch, inf) = (d.batch, d.in_features);
+    let stride = d.words() * WORD;
     let mut order: Vec<usize> = (0..batch).collect();
     if let Some(ids) = ids {
         order.sort_by_key(|&b| ids[b]);
@@ -283,46 +291,63 @@ fn run<T: Float>(kernel: Kernel, x: &[T], d: Dims, signs: &[u8], alphas: Alphas<
             _ => groups.push((tenant_of(b), p..p + 1)),
         }
     }
-    // x in f32, zero-padded to whole words, in group order.
     let mut xp = vec![0f32; batch * stride];
-    xp.par_chunks_mut(stride).zip(&order).for_each(|(dst, &b)| {
+    xp.par_chunks_mut(stride.max(1)).zip(&order).for_each(|(dst, &b)| {
         for (v, s) in dst.iter_mut().zip(&x[b * inf..(b + 1) * inf]) {
             *v = s.to_f32();
-        }
-    });
-    // sums[o * batch + p]: output row o of the batch row at position p. A
-    // task takes ROWS_PER_TASK output rows of every tenant, so each thread
-    // streams its slice of every tenant's signs once.
-    let mut sums = vec![0f32; out * batch];
-    sums.par_chunks_mut(ROWS_PER_TASK * batch).enumerate().for_each(|(task, block)| {
-        let o0 = task * ROWS_PER_TASK;
-        let rows = block.len() / batch;
-        for (t, r) in &groups {
-            let tsigns = &signs[(t * out + o0) * rb..(t * out + o0 + rows) * rb];
-            let xg = &xp[r.start * stride..r.end * stride];
-            match kernel {
-                Kernel::Portable => {
-                    for (k, row_sums) in block.chunks_mut(batch).enumerate() {
-                        let row = &tsigns[k * rb..(k + 1) * rb];
-                        dot_rows::<f32>(std::marker::PhantomData, xg, stride, r.len(), row, words, &mut row_sums[r.clone()]);
-                    }
-                }
-                #[cfg(target_arch = "x86_64")]
-                Kernel::Avx512 => {
-                    // SAFETY: this kernel is only chosen where the CPU has AVX-512F.
-                    unsafe { x86::block(xg, stride, r.len(), tsigns, rb, words, &mut block[r.start..], batch) }
-                }
-            }
         }
     });
     let mut pos = vec![0usize; batch];
     for (p, &b) in order.iter().enumerate() {
         pos[b] = p;
     }
+    Prepared { order, pos, groups, xp, stride }
+}
+
+/// Sign sums of output rows o0..o0 + block.len() / batch for every batch
+/// position: block[k * batch + p] = Σ_j ±x[order[p], j]·s[o0 + k, j].
+pub(crate) fn sign_block(kernel: Kernel, p: &Prepared, d: &Dims, signs: &[u8], o0: usize, block: &mut [f32]) {
+    let (batch, out) = (d.batch, d.out_features);
+    let (words, rb, stride) = (d.words(), d.row_bytes(), p.stride);
+    let rows = block.len() / batch;
+    for (t, r) in &p.groups {
+        let tsigns = &signs[(t * out + o0) * rb..(t * out + o0 + rows) * rb];
+        let xg = &p.xp[r.start * stride..r.end * stride];
+        match kernel {
+            Kernel::Portable => {
+                for (k, row_sums) in block.chunks_mut(batch).enumerate() {
+                    let row = &tsigns[k * rb..(k + 1) * rb];
+                    dot_rows::<f32>(std::marker::PhantomData, xg, stride, r.len(), row, words, &mut row_sums[r.clone()]);
+                }
+            }
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512 => {
+                // SAFETY: this kernel is only chosen where the CPU has AVX-512F.
+                unsafe { x86::block(xg, stride, r.len(), tsigns, rb, words, &mut block[r.start..], batch) }
+            }
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run<T: Float>(kernel: Kernel, x: &[T], d: Dims, signs: &[u8], alphas: Alphas<'_>, ids: Option<&[i64]>, y: &mut [T], accumulate: bool) {
+    let (batch, out) = (d.batch, d.out_features);
+    if batch == 0 || out == 0 {
+        return;
+    }
+    let p = prepare(x, &d, ids);
+    let tenant_of = |b: usize| ids.map_or(0, |ids| ids[b] as usize);
+    // sums[o * batch + p]: output row o of the batch row at position p. A
+    // task takes ROWS_PER_TASK output rows of every tenant, so each thread
+    // streams its slice of every tenant's signs once.
+    let mut sums = vec![0f32; out * batch];
+    sums.par_chunks_mut(ROWS_PER_TASK * batch)
+        .enumerate()
+        .for_each(|(task, block)| sign_block(kernel, &p, &d, signs, task * ROWS_PER_TASK, block));
     y.par_chunks_mut(out).enumerate().for_each(|(b, yrow)| {
-        let (p, t) = (pos[b], tenant_of(b));
+        let (q, t) = (p.pos[b], tenant_of(b));
         for (o, v) in yrow.iter_mut().enumerate() {
-            let delta = alphas.get(t, o, out) * sums[o * batch + p];
+            let delta = alphas.get(t, o, out) * sums[o * batch + q];
             *v = T::from_f32(if accumulate { v.to_f32() + delta } else { delta });
         }
     });

@@ -22,6 +22,7 @@
 //! reads, see [`crate::merge::FileInputs`]), so memory is one chunk per
 //! input. The base tensor's raw bytes are hashed (XXH3-64) in the same pass.
 
+pub mod linear;
 pub mod matmul;
 
 #[cfg(feature = "cuda")]
@@ -45,6 +46,7 @@ use crate::pack::packed_row_bytes;
 use crate::simd::multiversion;
 use crate::{DType, Float};
 
+pub use linear::linear;
 pub use matmul::{matmul, matmul_multi, Alphas};
 
 /// Elements per α summation block (aligned to the tensor start).

@@ -448,3 +448,163 @@ fn every_kernel_gives_the_reference_bits() {
         }
     }
 }
+
+// ---- the fused linear ----
+
+/// The documented base order, spelled out: lane j % 32 by fma, the tree.
+fn base_order(x: &[f32], w: &[f32]) -> f32 {
+    let mut lanes = [0f32; 32];
+    for (j, (a, b)) in x.iter().zip(w).enumerate() {
+        lanes[j % 32] = a.mul_add(*b, lanes[j % 32]);
+    }
+    matmul::reduce32(lanes)
+}
+
+struct LinearCase<T> {
+    d: Dims,
+    x: Vec<T>,
+    w: Vec<T>,
+    bias: Vec<T>,
+    signs: Vec<u8>,
+    ids: Vec<i64>,
+    alphas: Vec<f32>,
+}
+
+fn linear_case<T: Float>(batch: usize, inf: usize, out: usize, tenants: usize, per_row: bool, seed: u64) -> LinearCase<T> {
+    let mut g = XorShift::new(seed);
+    let d = Dims { batch, in_features: inf, out_features: out, tenants };
+    LinearCase {
+        d,
+        x: (0..batch * inf).map(|_| T::from_f32(g.normal_ish())).collect(),
+        w: (0..out * inf).map(|_| T::from_f32(0.1 * g.normal_ish())).collect(),
+        bias: (0..out).map(|_| T::from_f32(g.normal_ish())).collect(),
+        signs: (0..tenants * out * d.row_bytes()).map(|_| g.next() as u8).collect(),
+        ids: (0..batch).map(|_| g.below(tenants as u64) as i64).collect(),
+        alphas: (0..if per_row { tenants * out } else { tenants }).map(|_| 0.01 + g.below(100) as f32 / 2048.0).collect(),
+    }
+}
+
+fn run_linear<T: Float>(k: Kernel, c: &LinearCase<T>, per_row: bool, with_bias: bool) -> Vec<T> {
+    let mut y = vec![T::from_f32(0.0); c.d.batch * c.d.out_features];
+    let a = Alphas { values: &c.alphas, per_row };
+    let ids = (c.d.tenants > 1).then_some(&c.ids[..]);
+    linear::linear_with(k, &c.x, c.d, &c.w, with_bias.then_some(&c.bias[..]), &c.signs, a, ids, &mut y).unwrap();
+    y
+}
+
+fn check_linear<T: Float>(batch: usize, inf: usize, out: usize, tenants: usize, per_row: bool, with_bias: bool, seed: u64) {
+    let c = linear_case::<T>(batch, inf, out, tenants, per_row, seed);
+    let f = |v: &[T]| v.iter().map(|v| v.to_f32()).collect::<Vec<f32>>();
+    let (xf, wf, bf) = (f(&c.x), f(&c.w), f(&c.bias));
+    let rb = c.d.row_bytes();
+    let tol = if T::DTYPE == DType::F32 { 1e-5 } else { 1e-2 };
+    for &k in &Kernel::available() {
+        let y = run_linear(k, &c, per_row, with_bias);
+        for b in 0..batch {
+            let t = c.ids[b] as usize * (tenants > 1) as usize;
+            let xb = &xf[b * inf..(b + 1) * inf];
+            for o in 0..out {
+                let wrow = &wf[o * inf..(o + 1) * inf];
+                let srow = &c.signs[(t * out + o) * rb..(t * out + o + 1) * rb];
+                let a = if per_row { c.alphas[t * out + o] } else { c.alphas[t] };
+                let bias = if with_bias { bf[o] } else { 0.0 };
+                let got = y[b * out + o].to_f32();
+                // The dense reference in f64 (W_ft = W + α·S spelled out).
+                let mut want = bias as f64;
+                let mut scale = bias.abs() as f64;
+                for j in 0..inf {
+                    let s = if srow[j / 8] >> (j % 8) & 1 == 1 { -1.0 } else { 1.0 };
+                    let wft = wrow[j] as f64 + a as f64 * s;
+                    want += xb[j] as f64 * wft;
+                    scale += (xb[j] as f64 * wft).abs();
+                }
+                let err = (got as f64 - want).abs();
+                assert!(err <= tol * (want.abs() + 1e-2 * scale), "{:?} {k:?} b={b} o={o}: {got} vs {want}", T::DTYPE);
+                // The documented order, bit for bit.
+                let exact = T::from_f32((base_order(xb, wrow) + bias) + a * dot_one(xb, srow));
+                assert_eq!(got.to_bits(), exact.to_f32().to_bits(), "{:?} {k:?} in={inf} batch={batch} b={b} o={o}", T::DTYPE);
+            }
+        }
+    }
+}
+
+#[test]
+fn linear_matches_the_dense_reference_and_the_documented_order() {
+    for &(batch, inf, out, tenants) in &[(1, 1, 1, 1), (1, 7, 3, 1), (2, 32, 5, 2), (3, 33, 17, 1), (5, 100, 40, 3), (16, 257, 19, 4), (9, 64, 2, 1), (4, 1100, 7, 2)] {
+        let s = (batch * inf + out) as u64;
+        check_linear::<f32>(batch, inf, out, tenants, false, true, s);
+        check_linear::<f32>(batch, inf, out, tenants, true, false, s + 1);
+        check_linear::<f16>(batch, inf, out, tenants, out % 2 == 0, true, s + 2);
+        check_linear::<bf16>(batch, inf, out, tenants, out % 2 == 1, batch % 2 == 0, s + 3);
+    }
+}
+
+/// A row's output bits do not depend on which rows share its batch, the
+/// batch size, the thread count or the kernel; multi-tenant rows are the
+/// single-tenant results of their fine-tune.
+#[test]
+fn linear_is_independent_of_batch_threads_and_kernel_and_multi_equals_single() {
+    let (batch, inf, out, tenants) = (16, 300, 37, 3);
+    for per_row in [false, true] {
+        let c = linear_case::<bf16>(batch, inf, out, tenants, per_row, 4242 + per_row as u64);
+        let full = run_linear(Kernel::best(), &c, per_row, true);
+        let bits = |v: &[bf16]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        for &k in &Kernel::available() {
+            assert_eq!(bits(&run_linear(k, &c, per_row, true)), bits(&full), "{k:?}");
+        }
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+        assert_eq!(bits(&pool.install(|| run_linear(Kernel::best(), &c, per_row, true))), bits(&full), "1 thread");
+        // Each row alone, with its own tenant's signs and alphas only.
+        let rb = c.d.row_bytes();
+        for b in 0..batch {
+            let t = c.ids[b] as usize;
+            let one = LinearCase {
+                d: Dims { batch: 1, tenants: 1, ..c.d },
+                x: c.x[b * inf..(b + 1) * inf].to_vec(),
+                w: c.w.clone(),
+                bias: c.bias.clone(),
+                signs: c.signs[t * out * rb..(t + 1) * out * rb].to_vec(),
+                ids: vec![0],
+                alphas: if per_row { c.alphas[t * out..(t + 1) * out].to_vec() } else { vec![c.alphas[t]] },
+            };
+            let y = run_linear(Kernel::best(), &one, per_row, true);
+            assert_eq!(bits(&y), bits(&full[b * out..(b + 1) * out]), "row {b} (tenant {t}) per_row={per_row}");
+        }
+        // Sub-batches of 3 and 5 rows.
+        for size in [3, 5] {
+            for s in (0..batch).step_by(size) {
+                let e = (s + size).min(batch);
+                let sub = LinearCase {
+                    d: Dims { batch: e - s, ..c.d },
+                    x: c.x[s * inf..e * inf].to_vec(),
+                    w: c.w.clone(),
+                    bias: c.bias.clone(),
+                    signs: c.signs.clone(),
+                    ids: c.ids[s..e].to_vec(),
+                    alphas: c.alphas.clone(),
+                };
+                assert_eq!(bits(&run_linear(Kernel::best(), &sub, per_row, true)), bits(&full[s * out..e * out]), "rows {s}..{e}");
+            }
+        }
+    }
+}
+
+#[test]
+fn linear_errors_name_the_argument() {
+    let d = Dims { batch: 2, in_features: 9, out_features: 3, tenants: 2 };
+    let (x, w, bias) = (vec![0f32; 18], vec![0f32; 27], vec![0f32; 3]);
+    let signs = vec![0u8; 2 * 3 * 2];
+    let mut y = vec![0f32; 6];
+    let a = [1.0f32, 2.0];
+    let al = Alphas { values: &a, per_row: false };
+    let e = linear(&x, d, &w, Some(&bias), &signs, al, None, &mut y).unwrap_err().to_string();
+    assert!(e.contains("without adapter_ids"), "{e}");
+    let e = linear(&x, d, &w[1..], Some(&bias), &signs, al, Some(&[0, 1]), &mut y).unwrap_err().to_string();
+    assert!(e.starts_with("weight: expected [3, 9]"), "{e}");
+    let e = linear(&x, d, &w, Some(&bias[1..]), &signs, al, Some(&[0, 1]), &mut y).unwrap_err().to_string();
+    assert!(e.starts_with("bias: expected [3]"), "{e}");
+    let e = linear(&x, d, &w, None, &signs, al, Some(&[0, 5]), &mut y).unwrap_err().to_string();
+    assert_eq!(e, "adapter_ids[1]: expected a fine-tune index in [0, 2), got 5");
+    let e = linear(&x, d, &w, None, &signs, al, Some(&[0, 1]), &mut y[1..]).unwrap_err().to_string();
+    assert!(e.starts_with("out: expected [2, 3]"), "{e}");
+}
