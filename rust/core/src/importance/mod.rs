@@ -10,7 +10,12 @@
 //! dynamic program, or sampled with an (ε, δ) guarantee) drives projected
 //! gradient ascent. Items that end with a low probability are the ones to
 //! prune or down-weight.
+//!
+//! `project` holds the implicit seeded Rademacher projection of gradient
+//! batches that TRAK-style attribution (`ferrox.importance.trak`) sketches
+//! per-example gradients with.
 
 pub mod mle;
+pub mod project;
 
 pub use mle::{learn_importance, multilinear_gradient, sampled_gradient, sample_count, GroupStep, Retrievals};

@@ -1,0 +1,214 @@
+//! Implicit random projection of gradients (the sketch of TRAK, Park et al.,
+//! "TRAK: Attributing Model Behavior at Scale"): `P = G·Rᵀ/√p` for a batch
+//! `G` [n, d] and a Rademacher matrix `R` [p, d] that is never stored.
+//!
+//! The mapping (fixed; CPU and any other implementation must follow it):
+//! `R[i, j] = -1` if bit `j % 32` of Philox element `j / 32` of stream
+//! (`seed`, `i`) is set, else `+1` — i.e. bit `j % 32` of word
+//! `(j / 32) % 4` of `philox_block(seed, i, j / 128)` (see `crate::philox`
+//! for the element addressing). So `R` is a function of (seed, i, j) only.
+//!
+//! Order: output `(r, i)` is `fl32(s_d · fl32(1/√p))` where `s_0 = 0` and
+//! `s_{j+1} = fl32(s_j + fl32(G[r, j]·R[i, j]))`, j ascending, in f32 (the
+//! product by ±1 is exact). Work is split over output blocks and row blocks
+//! and `R` is generated in tiles of 128 columns × 64 rows shared by all rows
+//! of a block, but no split changes that sequence, so the result has the same
+//! bits for any thread count and equals a naive loop over a materialised `R`.
+//! Memory beyond the output: one 32 KiB tile and one accumulator block per
+//! running task.
+
+use rayon::prelude::*;
+
+use crate::error::{check_len, Error, Result};
+use crate::philox::philox_block;
+use crate::simd::multiversion;
+use crate::Float;
+
+/// Outputs (rows of R) per task: one accumulator row is 64 f32, eight AVX2 registers.
+const IB: usize = 64;
+/// Columns of R per tile: one Philox block (4 words × 32 bits) per output.
+const JT: usize = 128;
+
+/// `R[i, j]` of the documented mapping (±1.0).
+#[inline(always)]
+pub fn rademacher(seed: u64, i: u64, j: u64) -> f32 {
+    let w = philox_block(seed, i, j / 128)[((j / 32) % 4) as usize];
+    sign((w >> (j % 32)) & 1)
+}
+
+/// +1.0 for bit 0, -1.0 for bit 1 (the bit becomes the sign bit).
+#[inline(always)]
+fn sign(bit: u32) -> f32 {
+    f32::from_bits(0x3f80_0000 | (bit << 31))
+}
+
+multiversion! {
+    /// Rows `rows` × outputs `i0 .. i0 + ni` (ni ≤ IB) into `acc` [rows.len() × IB].
+    fn block<T: Float>(g: &[T], d: usize, r0: usize, r1: usize, i0: usize, ni: usize, seed: u64, acc: &mut [f32]) -> () {
+        // Outputs past `ni` keep sign 0.0: computed, never written out.
+        let mut tile = vec![[0f32; IB]; JT];
+        let mut j0 = 0;
+        while j0 < d {
+            let jn = JT.min(d - j0);
+            for ii in 0..ni {
+                let w = philox_block(seed, (i0 + ii) as u64, (j0 / JT) as u64);
+                for (jj, t) in tile.iter_mut().take(jn).enumerate() {
+                    t[ii] = sign((w[jj / 32] >> (jj % 32)) & 1);
+                }
+            }
+            for (r, a) in (r0..r1).zip(acc.chunks_exact_mut(IB)) {
+                let row = &g[r * d + j0..r * d + j0 + jn];
+                let mut loc = [0f32; IB];
+                loc.copy_from_slice(a);
+                for (x, t) in row.iter().zip(tile.iter()) {
+                    let x = x.to_f32();
+                    for k in 0..IB {
+                        loc[k] += x * t[k];
+                    }
+                }
+                a.copy_from_slice(&loc);
+            }
+            j0 += JT;
+        }
+    }
+}
+
+/// Projects `grads` [n, d] (row-major) to `out` [n, p] f32: `out = G·Rᵀ/√p`
+/// with `R` as in the module docs. Non-finite gradients propagate.
+pub fn project<T: Float>(grads: &[T], n: usize, d: usize, p: usize, seed: u64, out: &mut [f32]) -> Result<()> {
+    if p == 0 {
+        return Err(Error::Value("p: the projection dimension must be at least 1".into()));
+    }
+    let nd = n.checked_mul(d).ok_or_else(|| Error::Shape(format!("grads: shape [{n}, {d}] overflows")))?;
+    check_len("grads", nd, grads.len())?;
+    let np = n.checked_mul(p).ok_or_else(|| Error::Shape(format!("out: shape [{n}, {p}] overflows")))?;
+    check_len("out", np, out.len())?;
+    if n == 0 {
+        return Ok(());
+    }
+    let out_blocks = p.div_ceil(IB);
+    // Enough tasks for every thread: split the rows too when p has few blocks.
+    let splits = (2 * rayon::current_num_threads()).div_ceil(out_blocks).clamp(1, n);
+    let rb = n.div_ceil(splits);
+    let row_blocks = n.div_ceil(rb);
+    let scale = (1.0 / (p as f64).sqrt()) as f32;
+    let parts: Vec<(usize, usize, Vec<f32>)> = (0..row_blocks * out_blocks)
+        .into_par_iter()
+        .map(|t| {
+            let (rbi, obi) = (t / out_blocks, t % out_blocks);
+            let (r0, r1) = (rbi * rb, ((rbi + 1) * rb).min(n));
+            let (i0, ni) = (obi * IB, IB.min(p - obi * IB));
+            let mut acc = vec![0f32; (r1 - r0) * IB];
+            block(grads, d, r0, r1, i0, ni, seed, &mut acc);
+            (r0, i0, acc)
+        })
+        .collect();
+    for (r0, i0, acc) in parts {
+        let ni = IB.min(p - i0);
+        for (k, a) in acc.chunks_exact(IB).enumerate() {
+            let o = &mut out[(r0 + k) * p + i0..(r0 + k) * p + i0 + ni];
+            for (o, &a) in o.iter_mut().zip(&a[..ni]) {
+                *o = a * scale;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::philox::philox4x32_10;
+    use crate::test_rng::XorShift;
+
+    fn naive(g: &[f32], n: usize, d: usize, p: usize, seed: u64) -> Vec<f32> {
+        let r: Vec<f32> = (0..p * d).map(|k| rademacher(seed, (k / d) as u64, (k % d) as u64)).collect();
+        let scale = (1.0 / (p as f64).sqrt()) as f32;
+        let mut out = vec![0f32; n * p];
+        for row in 0..n {
+            for i in 0..p {
+                let mut s = 0f32;
+                for j in 0..d {
+                    s += g[row * d + j] * r[i * d + j];
+                }
+                out[row * p + i] = s * scale;
+            }
+        }
+        out
+    }
+
+    fn grads(n: usize, d: usize, seed: u64) -> Vec<f32> {
+        let mut rng = XorShift::new(seed);
+        (0..n * d).map(|_| rng.normal_ish()).collect()
+    }
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+
+    #[test]
+    fn entries_follow_the_documented_mapping() {
+        let seed = 0x1234_5678_9abc_def0u64;
+        for (i, j) in [(0u64, 0u64), (3, 31), (3, 32), (7, 127), (7, 128), (65, 1000), (2047, 999_999)] {
+            let ctr = [(j / 128) as u32, ((j / 128) >> 32) as u32, i as u32, (i >> 32) as u32];
+            let w = philox4x32_10(ctr, [seed as u32, (seed >> 32) as u32])[((j / 32) % 4) as usize];
+            let want = if (w >> (j % 32)) & 1 == 1 { -1.0 } else { 1.0 };
+            assert_eq!(rademacher(seed, i, j), want, "R[{i}, {j}]");
+        }
+        // Balanced: about half the entries are -1.
+        let neg = (0..20_000u64).filter(|&j| rademacher(7, 5, j) < 0.0).count();
+        assert!((9_600..10_400).contains(&neg), "{neg} of 20000 negative");
+    }
+
+    #[test]
+    fn matches_naive_bitwise() {
+        // Sizes around the tile edges (64 outputs, 128 columns).
+        for (n, d, p, seed) in [(1, 1, 1, 0), (3, 127, 5, 1), (5, 129, 64, 2), (4, 300, 65, 3), (9, 257, 130, 4)] {
+            let g = grads(n, d, seed + 100);
+            let mut out = vec![f32::NAN; n * p];
+            project(&g, n, d, p, seed, &mut out).unwrap();
+            assert_eq!(bits(&out), bits(&naive(&g, n, d, p, seed)), "n={n} d={d} p={p}");
+        }
+    }
+
+    #[test]
+    fn half_inputs_are_widened_exactly() {
+        let (n, d, p) = (3, 200, 70);
+        let g32 = grads(n, d, 9);
+        let gh: Vec<half::bf16> = g32.iter().map(|&x| half::bf16::from_f32(x)).collect();
+        let gw: Vec<f32> = gh.iter().map(|x| x.to_f32()).collect();
+        let (mut a, mut b) = (vec![0f32; n * p], vec![0f32; n * p]);
+        project(&gh, n, d, p, 11, &mut a).unwrap();
+        project(&gw, n, d, p, 11, &mut b).unwrap();
+        assert_eq!(bits(&a), bits(&b));
+    }
+
+    #[test]
+    fn same_bits_for_any_thread_count() {
+        let (n, d, p) = (7, 1000, 200);
+        let g = grads(n, d, 5);
+        let run = |threads| {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            let mut out = vec![0f32; n * p];
+            pool.install(|| project(&g, n, d, p, 42, &mut out)).unwrap();
+            bits(&out)
+        };
+        let one = run(1);
+        for t in [2, 3, 8] {
+            assert_eq!(run(t), one, "{t} threads");
+        }
+        let mut other = vec![0f32; n * p];
+        project(&g, n, d, p, 43, &mut other).unwrap();
+        assert_ne!(bits(&other), one, "another seed, another projection");
+    }
+
+    #[test]
+    fn bad_shapes_are_refused() {
+        let g = vec![0f32; 6];
+        let mut out = vec![0f32; 4];
+        assert!(matches!(project(&g, 2, 3, 2, 0, &mut out), Ok(())));
+        assert!(matches!(project(&g, 2, 4, 2, 0, &mut out), Err(Error::Shape(m)) if m.contains("grads")));
+        assert!(matches!(project(&g, 2, 3, 3, 0, &mut out), Err(Error::Shape(m)) if m.contains("out")));
+        assert!(matches!(project(&g, 2, 3, 0, 0, &mut out[..0]), Err(Error::Value(m)) if m.contains("p")));
+    }
+}
