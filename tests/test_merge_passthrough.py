@@ -137,3 +137,44 @@ def test_slices_of_different_lengths_are_refused(models):
         {"sources": [{"model": a, "layer_range": [0, 2]}, {"model": b, "layer_range": [0, 3]}]}]}
     with pytest.raises(ConfigError, match=r"slices\[0\]: every source of a slice must span the same number"):
         parse_config(raw)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_stacking_with_scale_is_bitwise_mergekit(tmp_path, dtype):
+    """mergekit multiplies half tensors by the scale in their dtype (one
+    product, rounded once); ferrox multiplies in f32 and rounds to the dtype
+    once, which for a single product gives the same bits."""
+    a = str(synthetic.make_llama(tmp_path / "a", hidden=32, layers=3, vocab=64, dtype=dtype))
+    b = str(synthetic.fine_tune(a, tmp_path / "b", seed=3))
+    raw = {"merge_method": "passthrough", "slices": [
+        {"sources": [{"model": a, "layer_range": [0, 2]}], "parameters": {"scale": [0.3, 0.7]}},
+        {"sources": [{"model": b, "layer_range": [1, 3]}],
+         "parameters": {"scale": [{"filter": "o_proj", "value": 0.37}, {"value": 1.1}]}}]}
+    fx = fx_merge(raw, tmp_path / "fx")
+    assert all(v.dtype == dtype for v in fx.values())
+    assert_bitwise(fx, run_mergekit(raw, tmp_path / "mk"))
+
+
+def test_cli_merges_a_sliced_config(models, tmp_path, capsys):
+    import yaml
+
+    from ferrox.cli import main
+
+    a, b = models
+    raw = stack(a, b)
+    path = tmp_path / "stack.yml"
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["merge", str(path), str(tmp_path / "out"), "--no-progress"]) == 0
+    assert "with passthrough" in "".join(capsys.readouterr())
+    assert_bitwise(load_folder(tmp_path / "out"), fx_merge(raw, tmp_path / "api"))
+    resolved = yaml.safe_load((tmp_path / "out" / "ferrox_config.yml").read_text())
+    assert [s["sources"][0]["layer_range"] for s in resolved["slices"]] == [[0, 3], [1, 4], [2, 3]]
+    assert resolved["slices"][1]["sources"][0]["parameters"]["scale"] == SCALE
+    # The resolved config is itself a config that merges to the same bits.
+    again = dict(resolved, slices=[dict(s, sources=[{k: v for k, v in src.items() if k != "parameters" or v}
+                                                    for src in s["sources"]]) for s in resolved["slices"]])
+    again = {k: v for k, v in again.items() if v is not None}
+    for s in again["slices"]:
+        if not s["parameters"]:
+            s.pop("parameters")
+    assert_bitwise(fx_merge(again, tmp_path / "again"), load_folder(tmp_path / "out"))
