@@ -180,3 +180,20 @@ def test_integer_gradient_and_missing_required_filter_are_refused(models):
                               [{"weight": [{"filter": "mlp", "value": 0.3}]}]))
     with pytest.raises(ConfigError, match=r"models\[0\]: no filter of 'weight' matches tensor 'lm_head.weight'"):
         cfg.tensor_params("lm_head.weight")
+
+
+def test_a_seed_set_after_parsing_reaches_per_tensor_resolution(models):
+    """--random-seed sets cfg.seed; with gradients the parameters are resolved
+    per tensor, and the seed must still be the one set."""
+    base, fts = models
+    raw = config("dare_linear", str(base), [str(f) for f in fts], None,
+                 [{"weight": [0.2, 0.8], "density": 0.5}, {"weight": 0.5, "density": 0.5}])
+    cfg = parse_config(raw)
+    cfg.num_layers = LAYERS
+    cfg.seed = 77
+    assert cfg.tensor_params("model.layers.1.mlp.up_proj.weight")[0]["seed"] == 77
+    cfg = parse_config(dict(raw, parameters={"seed": [{"filter": "mlp", "value": 3}, {"value": 4}]}))
+    cfg.num_layers = LAYERS
+    assert cfg.tensor_params("model.layers.1.mlp.up_proj.weight")[0]["seed"] == 3
+    cfg.seed = 9
+    assert cfg.tensor_params("model.layers.1.mlp.up_proj.weight")[0]["seed"] == 9

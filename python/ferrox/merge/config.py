@@ -119,7 +119,8 @@ class MergeConfig:
     def seed(self, value: int) -> None:
         if self.method.param("seed") is not None:  # deterministic methods have no seed to set
             self.params["seed"] = value
-            self.shared_settings.pop("seed", None)
+            if "seed" in self.shared_settings:  # a per-tensor resolution reads the settings
+                self.shared_settings["seed"] = Setting("const", value, self.method.param("seed"))
 
     @property
     def merge_base(self) -> Optional[str]:
@@ -159,46 +160,16 @@ class MergeConfig:
             return self.params, [m.params for m in self.models if not m.is_base]
         if t is None:
             t = self.tensor_t(tensor_name) if self._needs_t() else 0.0
-        shared = dict(self.params)
-        for name, s in self.shared_settings.items():
-            v = s.evaluate(tensor_name, t)
-            shared[name] = self.method.param(name).default if v is None else v
-            if shared[name] is REQUIRED:
-                raise ConfigError(f"parameters: no filter of {name!r} matches tensor {tensor_name!r}, and "
-                                  f"{self.method.name} requires it (add a '- value: ...' fallback)")
-        per_model = []
         non_base = [m for m in self.models if not m.is_base]
-        for i, m in enumerate(non_base):
-            name = input_names[i] if input_names is not None else tensor_name
-            params = {}
-            for p in self.method.params:
-                if not p.per_model:
-                    continue
-                v = None
-                for scope in m.settings:
-                    if p.name in scope:
-                        v = scope[p.name].evaluate(name, t)
-                        if v is not None:
-                            break
-                if v is not None:
-                    params[p.name] = v
-                elif p.required:
-                    raise ConfigError(f"{m.where}: no filter of {p.name!r} matches tensor {name!r}, and "
-                                      f"{self.method.name} requires it (add a '- value: ...' fallback)")
-            per_model.append(params)
-        filled = [{p.name: pm.get(p.name, p.default) for p in self.method.params if p.per_model} for pm in per_model]
-        try:
-            self.method.check_params(shared, filled)
-        except ValueError as e:
-            raise ConfigError(f"tensor {tensor_name!r} (t={t:g}): {e}") from None
-        return shared, per_model
+        names = input_names if input_names is not None else [tensor_name] * len(non_base)
+        return self._resolve((self.shared_settings,), [m.settings for m in non_base], tensor_name, names, t,
+                             [m.where for m in non_base])
 
     def slice_params(self, sl: SliceEntry, tensor_name: str, input_names: List[str],
                      t: float) -> Tuple[Dict[str, Any], List[Dict[str, Any]]]:
         """``tensor_params`` for one tensor of a slice: mergekit's precedence is
         the source's settings, then the slice's, then the global ones."""
-        glob = {k: s for k, s in self.shared_settings.items()}
-        shared_chain = (sl.settings, glob)
+        shared_chain = (sl.settings, self.shared_settings)
         chains = [(src.settings, sl.settings, self.model_settings) for src in sl.sources if not src.is_base]
         names = [n for n, src in zip(input_names, sl.sources) if not src.is_base]
         return self._resolve(shared_chain, chains, tensor_name, names, t, [src.where for src in sl.sources
@@ -216,9 +187,11 @@ class MergeConfig:
                     if v is not None:
                         break
             if v is None and p.required:
-                raise ConfigError(f"parameters: no setting of {p.name!r} applies to tensor {tensor_name!r}, and "
-                                  f"{self.method.name} requires it")
-            shared[p.name] = p.default if v is None else v
+                raise ConfigError(f"parameters: no filter of {p.name!r} matches tensor {tensor_name!r}, and "
+                                  f"{self.method.name} requires it (add a '- value: ...' fallback)")
+            if v is None:  # unset: the config's value (a --random-seed lands there); a filter missed: the default
+                v = p.default if any(p.name in sc for sc in shared_chain) else self.params.get(p.name, p.default)
+            shared[p.name] = v
         per_model = []
         for chain, name, where in zip(chains, input_names, wheres):
             params = {}
@@ -234,8 +207,8 @@ class MergeConfig:
                 if v is not None:
                     params[p.name] = v
                 elif p.required:
-                    raise ConfigError(f"{where}: no setting of {p.name!r} applies to tensor {name!r}, and "
-                                      f"{self.method.name} requires it")
+                    raise ConfigError(f"{where}: no filter of {p.name!r} matches tensor {name!r}, and "
+                                      f"{self.method.name} requires it (add a '- value: ...' fallback)")
             per_model.append(params)
         filled = [{p.name: pm.get(p.name, p.default) for p in self.method.params if p.per_model} for pm in per_model]
         try:
