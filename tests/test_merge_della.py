@@ -153,3 +153,26 @@ def test_della_mask_seed_and_errors(models, tmp_path):
     cfg.tensor_params("model.layers.0.mlp.up_proj.weight")
     with pytest.raises(ConfigError, match=r"tensor 'model.layers.1.mlp.up_proj.weight' \(t=1\): models\[0\]"):
         cfg.tensor_params("model.layers.1.mlp.up_proj.weight")
+
+
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs", "breadcrumbs_ties"])
+def test_rescale_variants_of_the_rust_core_methods_match_mergekit(models, tmp_path, method):
+    """mergekit's sparsify offers ``rescale`` (an L1 rescale of each kept
+    delta) to every GTA method; the Rust core's agrees by mergekit_parity's
+    rule (masks equal off the cut, values within 4 ulp). DARE's rescale is
+    the same code path, its masks random (not comparable draw for draw)."""
+    import mergekit_parity
+
+    base, fts = models
+    mp = [{"weight": 0.6, "density": 0.5, "gamma": 0.05}, {"weight": 0.5, "density": 0.3, "gamma": 0.02}]
+    raw = config(method, str(base), fts, {"rescale": True}, mp)
+    fx, mk = fx_merge(raw, tmp_path / "fx"), run_mergekit(raw, tmp_path / "mk")
+    unscaled = fx_merge(dict(raw, parameters={"rescale": False}), tmp_path / "plain")
+    b, ins = load_folder(base), [load_folder(f) for f in fts]
+    compared = total = 0
+    for name in fx:
+        compared += mergekit_parity.check_sparsified(name, method, mp, fx[name], mk[name], b[name],
+                                                     [i[name] for i in ins], compare_all_dropped=True)
+        total += fx[name].numel()
+    assert compared >= mergekit_parity.COVERAGE * total
+    assert any(not torch.equal(fx[n], unscaled[n]) for n in fx)  # the rescale changed the merge
