@@ -213,7 +213,29 @@ def _check_finite(tensors, paths) -> None:
             raise ValueError(f"models[{i}] ({path}): non-finite value {float(x.reshape(-1)[j])} at flat index {j}")
 
 
-def _merge_torch(cfg: MergeConfig, p, inputs, entries, writer, allow_nonfinite: bool, paths, device) -> int:
+def _run_generator(cfg: MergeConfig, device):
+    """One generator for the whole merge when a method draws as mergekit does
+    (della's ``rng: mergekit``: seeded once, tensors merged in name order), else None."""
+    if cfg.params.get("rng") != "mergekit":
+        return None
+    import torch
+
+    g = torch.Generator(device=device if device is not None else "cpu")
+    g.manual_seed(cfg.params.get("seed", 0))
+    return g
+
+
+def _merge_order(cfg: MergeConfig, items, name_of):
+    """mergekit's executor runs tensors in name order; draws from one
+    generator (``_run_generator``) must follow it. Writes are positioned, so
+    the order changes nothing else."""
+    if cfg.params.get("rng") != "mergekit":
+        return list(items)
+    return sorted(items, key=name_of)
+
+
+def _merge_torch(cfg: MergeConfig, p, inputs, entries, writer, allow_nonfinite: bool, paths, device,
+                 generator=None) -> int:
     """Merges one float tensor by a torch method (``TensorMethod``): one
     tensor of each input read, cast to the compute dtype (mergekit's cast on
     load), merged in float32 (on ``device`` when given), cast to the output
@@ -229,7 +251,8 @@ def _merge_torch(cfg: MergeConfig, p, inputs, entries, writer, allow_nonfinite: 
     with _naming_tensor(cfg, p, paths, allow_nonfinite):
         if not allow_nonfinite:
             _check_finite(tensors, paths)
-        result = cfg.method.merge(tensors, cfg.base_index, shared, per_model, tensor_name=p.name)
+        result = cfg.method.merge(tensors, cfg.base_index, shared, per_model, tensor_name=p.name,
+                                  generator=generator)
     out = result.to(dtypes.to_torch(p.dtype))
     ref = tensors[cfg.base_index or 0]
     changed = int(torch.count_nonzero(out != ref.to(out.dtype)))
@@ -395,8 +418,10 @@ def _merge_sliced(cfg: MergeConfig, out: str, *, force, max_shard_bytes, allow_n
         writer = dest.writer(planned, max_shard_bytes, metadata={"ferrox_method": cfg.method.name})
         bar = tqdm(total=total, desc=f"ferrox merge ({cfg.method.name}, slices)", unit="B", unit_scale=True,
                    disable=None if progress is None else not progress)
+        generator = _run_generator(cfg, gpu)
         with bar:
-            for job in jobs:
+            # mergekit's order: by the largest input tensor name of each output tensor
+            for job in _merge_order(cfg, jobs, lambda j: max(n for _, n in j.sources)):
                 p = job.planned
                 entries = [inputs[i].entry(n) for i, n in job.sources]
                 job_paths = [paths[i] for i, _ in job.sources]
@@ -419,7 +444,8 @@ def _merge_sliced(cfg: MergeConfig, out: str, *, force, max_shard_bytes, allow_n
                     with _naming_tensor(cfg, p, job_paths, allow_nonfinite):
                         if not allow_nonfinite:
                             _check_finite(tensors, job_paths)
-                        result = cfg.method.merge(tensors, job.sl.base_index, shared, per_model, tensor_name=p.name)
+                        result = cfg.method.merge(tensors, job.sl.base_index, shared, per_model, tensor_name=p.name,
+                                                  generator=generator)
                     res = result.to(dtypes.to_torch(p.dtype))
                     ref = tensors[job.sl.base_index or 0]
                     density[p.name] = int(torch.count_nonzero(res != ref.to(res.dtype))) / max(1, res.numel())
@@ -496,15 +522,17 @@ def merge_checkpoints(cfg: MergeConfig, out: str, *, force: bool = False, max_sh
         writer = dest.writer(planned, max_shard_bytes, metadata={"ferrox_method": cfg.method.name})
         bar = tqdm(total=total, desc=f"ferrox merge ({cfg.method.name})", unit="B", unit_scale=True,
                    disable=None if progress is None else not progress)
+        generator = None if cfg.method.in_core else _run_generator(cfg, gpu)
         with bar:
-            for p in planned:
+            for p in _merge_order(cfg, planned, lambda q: q.name):
                 entries = [i.entry(p.name) for i in inputs]
                 if entries[ref].dtype not in dtypes.KERNEL_FLOATS:
                     writer.copy(p.name, entries[ref])  # integer buffers: the reference model's, bit for bit
                     copied += 1
                 else:
                     if not cfg.method.in_core:
-                        changed = _merge_torch(cfg, p, inputs, entries, writer, allow_nonfinite, paths, gpu)
+                        changed = _merge_torch(cfg, p, inputs, entries, writer, allow_nonfinite, paths, gpu,
+                                               generator)
                     elif gpu is not None:
                         changed = _merge_on_device(cfg, p, inputs, entries, writer, allow_nonfinite, paths, gpu)
                     else:

@@ -178,6 +178,8 @@ class Inputs:
     per_model: Tuple[Mapping[str, Any], ...] = ()
     #: the output tensor's name (seeds the random masks of della)
     tensor_name: str = ""
+    #: a run-wide torch.Generator (della's ``rng: mergekit``), else None
+    generator: Any = None
 
     @property
     def base(self):
@@ -282,7 +284,7 @@ class TensorMethod(MergeMethod):
         return out
 
     def merge(self, tensors: Sequence[Any], base_index: Optional[int] = None, shared=None,
-              per_model: Optional[Sequence[Mapping[str, Any]]] = None, tensor_name: str = ""):
+              per_model: Optional[Sequence[Mapping[str, Any]]] = None, tensor_name: str = "", generator=None):
         """One tensor's merge: ``tensors`` in mergekit's model order (any float
         dtype; cast to float32 here), ``base_index`` the base's position,
         ``shared``/``per_model`` resolved parameters (checked again here).
@@ -310,5 +312,5 @@ class TensorMethod(MergeMethod):
         per_model = [self.resolve_model(v, f"models[{i}]") for i, v in enumerate(per_model)]
         self.check_params(shared, per_model)
         f32 = tuple(t.to(torch.float32) for t in tensors)
-        out = self.kernel(Inputs(f32, base_index, tuple(per_model), tensor_name), **shared)
+        out = self.kernel(Inputs(f32, base_index, tuple(per_model), tensor_name, generator), **shared)
         return out.to(torch.float32).reshape(shape)

@@ -10,13 +10,21 @@ rescaled (``rescale``, mergekit's default) so the delta's L1 norm is kept:
 mergekit 0.1.5 rescales by Σ|τ| / Σ|kept|, not by 1/p, and so does ferrox.
 
 As mergekit 0.1.5 (the same torch operations in its order, so a float32
-merge gives its bits for the same random draws). The draws differ:
-mergekit draws every mask from torch's global generator in the order its
-executor reaches the tensors; ferrox gives each tensor its own generator,
-seeded from ``seed`` and the tensor's name (``mask_seed``), so a merge is
-reproducible whatever the tensor order, streaming or device. Seeding a
-generator with ``mask_seed`` and calling mergekit's method gives ferrox's
-bits (tests/test_merge_della.py).
+merge gives its bits for the same random draws). Where the draws come from
+is ``rng``:
+
+- ``tensor`` (default): each tensor has its own generator, seeded from
+  ``seed`` and the tensor's name (``mask_seed``), so a tensor's masks do not
+  depend on which other tensors are merged or in what order (``merge_tensors``
+  on one tensor gives the checkpoint merge's bits).
+- ``mergekit``: mergekit's draws. mergekit (``--random-seed S``) seeds
+  torch's global generator with S once and draws every mask from it, tensor
+  after tensor in its executor's order, which sorts tensors by name
+  (``graph.build_schedule``: lexicographic by the task's tensor name). ferrox
+  then seeds one generator with ``seed`` and merges della tensors in name
+  order, which gives mergekit's output bit for bit in float32 (tested on
+  whole runs). ``merge_tensors`` without a generator draws from torch's
+  global one, as mergekit does.
 
 Torch methods rather than the Rust core: MagPrune's rank-dependent
 Bernoulli masks and the order of mergekit's float32 operations are what
@@ -95,7 +103,7 @@ def sign_consensus(deltas):
 
 
 def _della_kernel(consensus: bool):
-    def kernel(inputs, normalize, rescale, int8_mask, seed, **shared):
+    def kernel(inputs, normalize, rescale, int8_mask, seed, rng, **shared):
         import torch
 
         lam = shared["lambda"]
@@ -103,7 +111,10 @@ def _della_kernel(consensus: bool):
         others = inputs.non_base
         if not others:
             return base
-        g = generator_for(seed, inputs.tensor_name, base.device if base.is_cuda else None)
+        if rng == "mergekit":
+            g = inputs.generator  # None: torch's global generator, mergekit's
+        else:
+            g = generator_for(seed, inputs.tensor_name, base.device if base.is_cuda else None)
         deltas = base.new_empty((len(others), *base.shape))
         for i, (x, p) in enumerate(zip(others, inputs.per_model)):
             deltas[i] = magprune(x - base, p["density"], p["epsilon"], rescale, g)
@@ -149,6 +160,9 @@ def _params(normalize: bool):
         Param("lambda", "number", 1.0, doc="scale of the merged task vector"),
         Param("int8_mask", "flag", False, doc="mergekit's mask dtype switch (no numerical effect)"),
         Param("seed", "integer", 0, doc="seed of the masks (each tensor's generator: seed and tensor name)"),
+        Param("rng", "choice", "tensor", choices=("tensor", "mergekit"),
+              doc="masks from a generator per tensor, or mergekit's: one generator seeded with seed, tensors "
+                  "in name order"),
     )
 
 
