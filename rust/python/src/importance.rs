@@ -222,3 +222,43 @@ pub fn mle_learn(
         importance::learn_importance(&inp.retrievals()?, k, learning_rate, num_epochs, gs.map(|g| (g, step)), vs)
     })
 }
+
+/// Projects `grads` (torch, cpu, [n, d], float32/float16/bfloat16) into
+/// `out` (torch, cpu, float32 [n, p], contiguous): `out = grads·Rᵀ/√p` with
+/// the implicit Rademacher `R` of `ferrox_core::importance::project`.
+#[pyfunction]
+#[pyo3(signature = (grads, seed, p, out))]
+pub fn importance_project(
+    py: Python<'_>,
+    grads: &Bound<'_, PyAny>,
+    seed: u64,
+    p: usize,
+    out: &Bound<'_, PyAny>,
+) -> PyResult<()> {
+    let g = crate::tensor::Tensor::input("grads", grads)?;
+    let o = crate::tensor::Tensor::output("out", out)?;
+    let checked = (|| {
+        g.expect_cpu()?;
+        o.expect_cpu()?;
+        o.expect_dtype(&[ferrox_core::DType::F32])?;
+        if g.shape.len() != 2 {
+            return Err(Error::Shape(format!("grads: expected a 2-d tensor [n, d], got shape {:?}", g.shape)));
+        }
+        if o.shape != [g.shape[0], p] {
+            return Err(Error::Shape(format!(
+                "out: expected shape [{}, {p}] (grads rows, p), got {:?}",
+                g.shape[0], o.shape
+            )));
+        }
+        o.check_alias(&g, false)?;
+        Ok(())
+    })();
+    checked.map_err(to_py)?;
+    let (n, d) = (g.shape[0], g.shape[1]);
+    // SAFETY: both on the CPU, dtypes checked (out here, grads by with_float), disjoint.
+    let os = unsafe { o.slice_mut::<f32>() };
+    crate::with_float!(g.dtype, "grads", T => {
+        let gs = unsafe { g.slice::<T>() };
+        compute(py, move || importance::project::project(gs, n, d, p, seed, os))
+    })
+}

@@ -58,6 +58,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(importance::mle_sampled_gradient, m)?)?;
     m.add_function(wrap_pyfunction!(importance::mle_sample_count, m)?)?;
     m.add_function(wrap_pyfunction!(importance::mle_learn, m)?)?;
+    m.add_function(wrap_pyfunction!(importance::importance_project, m)?)?;
     Ok(())
 }
 

@@ -42,26 +42,63 @@ fn sign(bit: u32) -> f32 {
     f32::from_bits(0x3f80_0000 | (bit << 31))
 }
 
+// Philox4x32 round constants (Random123's, the same as `crate::philox`);
+// `block_words` computes the blocks of 64 streams side by side so the rounds
+// vectorise, and the tests check it against `philox_block`.
+const M0: u32 = 0xD251_1F53;
+const M1: u32 = 0xCD9E_8D57;
+const W0: u32 = 0x9E37_79B9;
+const W1: u32 = 0xBB67_AE85;
+
+/// `w[k][ii]` = word k of `philox_block(seed, i0 + ii, b)`, ii < IB.
+#[inline(always)]
+fn block_words(seed: u64, i0: u64, b: u64, w: &mut [[u32; IB]; 4]) {
+    let (mut c0, mut c1) = ([b as u32; IB], [(b >> 32) as u32; IB]);
+    let (mut c2, mut c3) = ([0u32; IB], [0u32; IB]);
+    for l in 0..IB {
+        let s = i0.wrapping_add(l as u64);
+        (c2[l], c3[l]) = (s as u32, (s >> 32) as u32);
+    }
+    let (mut k0, mut k1) = (seed as u32, (seed >> 32) as u32);
+    for round in 0..10 {
+        if round > 0 {
+            k0 = k0.wrapping_add(W0);
+            k1 = k1.wrapping_add(W1);
+        }
+        for l in 0..IB {
+            let p0 = M0 as u64 * c0[l] as u64;
+            let p1 = M1 as u64 * c2[l] as u64;
+            let (n0, n2) = ((p1 >> 32) as u32 ^ c1[l] ^ k0, (p0 >> 32) as u32 ^ c3[l] ^ k1);
+            (c0[l], c1[l], c2[l], c3[l]) = (n0, p1 as u32, n2, p0 as u32);
+        }
+    }
+    (w[0], w[1], w[2], w[3]) = (c0, c1, c2, c3);
+}
+
 multiversion! {
-    /// Rows `rows` × outputs `i0 .. i0 + ni` (ni ≤ IB) into `acc` [rows.len() × IB].
-    fn block<T: Float>(g: &[T], d: usize, r0: usize, r1: usize, i0: usize, ni: usize, seed: u64, acc: &mut [f32]) -> () {
-        // Outputs past `ni` keep sign 0.0: computed, never written out.
+    /// Rows `r0 .. r1` × outputs `i0 .. i0 + IB` into `acc` [(r1 - r0) × IB]; outputs
+    /// past p (streams past the last row of R) are computed and dropped by the caller.
+    fn block<T: Float>(g: &[T], d: usize, r0: usize, r1: usize, i0: usize, seed: u64, acc: &mut [f32]) -> () {
         let mut tile = vec![[0f32; IB]; JT];
+        let mut words = [[0u32; IB]; 4];
+        let mut x = [0f32; JT];
         let mut j0 = 0;
         while j0 < d {
             let jn = JT.min(d - j0);
-            for ii in 0..ni {
-                let w = philox_block(seed, (i0 + ii) as u64, (j0 / JT) as u64);
-                for (jj, t) in tile.iter_mut().take(jn).enumerate() {
-                    t[ii] = sign((w[jj / 32] >> (jj % 32)) & 1);
+            block_words(seed, i0 as u64, (j0 / JT) as u64, &mut words);
+            for (jj, t) in tile.iter_mut().take(jn).enumerate() {
+                let (wk, sh) = (&words[jj / 32], jj % 32);
+                for k in 0..IB {
+                    t[k] = sign((wk[k] >> sh) & 1);
                 }
             }
             for (r, a) in (r0..r1).zip(acc.chunks_exact_mut(IB)) {
-                let row = &g[r * d + j0..r * d + j0 + jn];
+                for (x, g) in x.iter_mut().zip(&g[r * d + j0..r * d + j0 + jn]) {
+                    *x = g.to_f32();
+                }
                 let mut loc = [0f32; IB];
                 loc.copy_from_slice(a);
-                for (x, t) in row.iter().zip(tile.iter()) {
-                    let x = x.to_f32();
+                for (&x, t) in x[..jn].iter().zip(tile.iter()) {
                     for k in 0..IB {
                         loc[k] += x * t[k];
                     }
@@ -97,9 +134,9 @@ pub fn project<T: Float>(grads: &[T], n: usize, d: usize, p: usize, seed: u64, o
         .map(|t| {
             let (rbi, obi) = (t / out_blocks, t % out_blocks);
             let (r0, r1) = (rbi * rb, ((rbi + 1) * rb).min(n));
-            let (i0, ni) = (obi * IB, IB.min(p - obi * IB));
+            let i0 = obi * IB;
             let mut acc = vec![0f32; (r1 - r0) * IB];
-            block(grads, d, r0, r1, i0, ni, seed, &mut acc);
+            block(grads, d, r0, r1, i0, seed, &mut acc);
             (r0, i0, acc)
         })
         .collect();
@@ -158,6 +195,18 @@ mod tests {
         // Balanced: about half the entries are -1.
         let neg = (0..20_000u64).filter(|&j| rademacher(7, 5, j) < 0.0).count();
         assert!((9_600..10_400).contains(&neg), "{neg} of 20000 negative");
+    }
+
+    #[test]
+    fn side_by_side_blocks_match_philox() {
+        let mut w = [[0u32; IB]; 4];
+        for (seed, i0, b) in [(0u64, 0u64, 0u64), (99, 64, 7), (u64::MAX, u64::MAX - 10, 1 << 40)] {
+            block_words(seed, i0, b, &mut w);
+            for ii in 0..IB {
+                let want = philox_block(seed, i0.wrapping_add(ii as u64), b);
+                assert_eq!([w[0][ii], w[1][ii], w[2][ii], w[3][ii]], want, "stream {ii}");
+            }
+        }
     }
 
     #[test]
