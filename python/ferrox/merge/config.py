@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import yaml
 
 from .. import dtypes
-from .methods import REQUIRED, MergeMethod, get_method
+from .methods import MergeMethod, get_method
 from .methods.base import F32_MAX  # noqa: F401 (re-exported)
 from .methods.base import _kind, check_choice, check_flag, check_integer, check_number
 from .settings import Setting, layer_index, layer_t, parse_setting
