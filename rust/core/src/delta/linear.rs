@@ -195,7 +195,7 @@ fn base_rows<T: Float>(xp: &[f32], stride: usize, nb: usize, row: &[T], words: u
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{reduce32, WORD};
+    use super::WORD;
     use crate::{DType, Float};
 
     /// 16 elements of T at `p` widened to f32 (exact).
@@ -216,26 +216,60 @@ mod x86 {
         }
     }
 
-    /// sums[o * sstride + b] for NO rows of `w` (row length `inf`) and NB
-    /// batch rows of `xp`.
+    /// Bytes of x per word chunk (the tile's NB batch rows): the chunk stays
+    /// in L1 while every row tile of the task passes over it.
+    const CHUNK_BYTES: usize = 16 << 10;
+    /// How far ahead in each base row to prefetch.
+    const PREFETCH: usize = 1024;
+
+    /// Adds words w0..w1 of NO rows of `w` (row length `inf`) times NB batch
+    /// rows of `xp` to the lane sums `state[o * sstride + b]` (a plain store
+    /// and load between chunks: the order of each lane's sum is untouched).
     #[inline]
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::too_many_arguments)]
-    fn tile<T: Float, const NO: usize, const NB: usize>(xp: &[f32], stride: usize, w: &[T], inf: usize, words: usize, sums: &mut [f32], sstride: usize) {
-        assert!(NB >= 1 && xp.len() >= (NB - 1) * stride + words * WORD && w.len() >= NO * inf);
-        assert!(sums.len() > (NO - 1) * sstride + NB - 1);
+    fn tile<T: Float, const NO: usize, const NB: usize>(
+        xp: &[f32],
+        stride: usize,
+        w: &[T],
+        inf: usize,
+        words: usize,
+        w0: usize,
+        w1: usize,
+        state: &mut [[f32; WORD]],
+        sstride: usize,
+    ) {
+        assert!(NB >= 1 && w0 <= w1 && w1 <= words && xp.len() >= (NB - 1) * stride + words * WORD && w.len() >= NO * inf);
+        assert!(state.len() > (NO - 1) * sstride + NB - 1);
         let full = inf / WORD;
         let (xptr, wptr) = (xp.as_ptr(), w.as_ptr());
         let mut acc = [[[_mm512_setzero_ps(); 2]; NB]; NO];
-        let mut wv = [[_mm512_setzero_ps(); 2]; NO];
+        for o in 0..NO {
+            for b in 0..NB {
+                let s = state[o * sstride + b].as_ptr();
+                // SAFETY: a state entry holds 32 f32.
+                acc[o][b] = unsafe { [_mm512_loadu_ps(s), _mm512_loadu_ps(s.add(16))] };
+            }
+        }
         // The last partial word of each row, zero-padded.
         let mut tail = [[T::from_f32(0.0); WORD]; NO];
-        if full < words {
+        if full < w1 {
             for (o, t) in tail.iter_mut().enumerate() {
                 t[..inf - full * WORD].copy_from_slice(&w[o * inf + full * WORD..(o + 1) * inf]);
             }
         }
-        for wi in 0..words {
+        let mut wv = [[_mm512_setzero_ps(); 2]; NO];
+        for wi in w0..w1 {
+            for o in 0..NO {
+                // W streams from memory once, NO rows at a time: prefetch
+                // each row PREFETCH bytes ahead (a prefetch never faults;
+                // wrapping_add keeps the address arithmetic defined).
+                let p = wptr.wrapping_add(o * inf + wi * WORD).cast::<u8>().wrapping_add(PREFETCH);
+                _mm_prefetch::<_MM_HINT_T0>(p.cast());
+                if std::mem::size_of::<T>() == 4 {
+                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(64).cast());
+                }
+            }
             for (o, v) in wv.iter_mut().enumerate() {
                 // SAFETY: a full word lies inside row o (wi < inf / 32); the
                 // tail word is a 32-element local array.
@@ -256,65 +290,77 @@ mod x86 {
         }
         for o in 0..NO {
             for b in 0..NB {
-                let mut lanes = [0f32; WORD];
-                // SAFETY: `lanes` holds 32 f32.
+                let s = state[o * sstride + b].as_mut_ptr();
+                // SAFETY: a state entry holds 32 f32.
                 unsafe {
-                    _mm512_storeu_ps(lanes.as_mut_ptr(), acc[o][b][0]);
-                    _mm512_storeu_ps(lanes.as_mut_ptr().add(16), acc[o][b][1]);
+                    _mm512_storeu_ps(s, acc[o][b][0]);
+                    _mm512_storeu_ps(s.add(16), acc[o][b][1]);
                 }
-                sums[o * sstride + b] = reduce32(lanes);
             }
         }
     }
 
-    /// Every batch tile against NO rows of `w` at a time (the rows stay in
-    /// L1 while the batch tiles pass over them).
+    /// Words w0..w1 of every row of `w` against NB batch rows: row tiles of
+    /// NO, the rows past the last whole tile one by one.
     #[inline]
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::too_many_arguments)]
-    fn rows_pass<T: Float, const NO: usize>(xp: &[f32], stride: usize, nb: usize, w: &[T], inf: usize, words: usize, sums: &mut [f32], o: usize) {
-        let (wr, s) = (&w[o * inf..], &mut sums[o * nb..]);
-        let mut b = 0;
-        while b < nb {
-            let (x, sb) = (&xp[b * stride..], &mut s[b..]);
-            b += match nb - b {
-                4.. => {
-                    tile::<T, NO, 4>(x, stride, wr, inf, words, sb, nb);
-                    4
-                }
-                2 | 3 => {
-                    tile::<T, NO, 2>(x, stride, wr, inf, words, sb, nb);
-                    2
-                }
-                _ => {
-                    tile::<T, NO, 1>(x, stride, wr, inf, words, sb, nb);
-                    1
-                }
-            };
+    fn chunk<T: Float, const NO: usize, const NB: usize>(
+        xp: &[f32],
+        stride: usize,
+        w: &[T],
+        inf: usize,
+        words: usize,
+        w0: usize,
+        w1: usize,
+        state: &mut [[f32; WORD]],
+        nb: usize,
+    ) {
+        let n = w.len() / inf;
+        let mut o = 0;
+        while o + NO <= n {
+            tile::<T, NO, NB>(xp, stride, &w[o * inf..], inf, words, w0, w1, &mut state[o * nb..], nb);
+            o += NO;
+        }
+        while o < n {
+            tile::<T, 1, NB>(xp, stride, &w[o * inf..], inf, words, w0, w1, &mut state[o * nb..], nb);
+            o += 1;
         }
     }
 
-    /// sums[k * nb + q] for all rows k of `w` and batch positions q < nb.
-    /// Row tiles of 2 for 4+ batch rows, 4 below (≤ 26 of 32 registers).
+    /// sums[k * nb + q] for all rows k of `w` and batch positions q < nb:
+    /// batch tiles of 4 (× 2 rows), 2 or 1 (× 4 rows) outside (≤ 26 of 32
+    /// registers), word chunks inside them, the task's rows innermost (they
+    /// stay in L2 for the next batch tile).
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::too_many_arguments)]
     pub(super) fn block<T: Float>(xp: &[f32], stride: usize, nb: usize, w: &[T], inf: usize, words: usize, sums: &mut [f32]) {
         let n = w.len() / inf;
-        let mut o = 0;
-        if nb >= 4 {
-            while o + 2 <= n {
-                rows_pass::<T, 2>(xp, stride, nb, w, inf, words, sums, o);
-                o += 2;
+        let mut state = vec![[0f32; WORD]; n * nb];
+        let mut b = 0;
+        while b < nb {
+            let nbt = match nb - b {
+                4.. => 4,
+                2 | 3 => 2,
+                _ => 1,
+            };
+            let step = (CHUNK_BYTES / (nbt * WORD * 4)).max(8);
+            let (x, st) = (&xp[b * stride..], &mut state[b..]);
+            let mut w0 = 0;
+            while w0 < words {
+                let w1 = (w0 + step).min(words);
+                match nbt {
+                    4 => chunk::<T, 2, 4>(x, stride, w, inf, words, w0, w1, st, nb),
+                    2 => chunk::<T, 4, 2>(x, stride, w, inf, words, w0, w1, st, nb),
+                    _ => chunk::<T, 4, 1>(x, stride, w, inf, words, w0, w1, st, nb),
+                }
+                w0 = w1;
             }
-        } else {
-            while o + 4 <= n {
-                rows_pass::<T, 4>(xp, stride, nb, w, inf, words, sums, o);
-                o += 4;
-            }
+            b += nbt;
         }
-        while o < n {
-            rows_pass::<T, 1>(xp, stride, nb, w, inf, words, sums, o);
-            o += 1;
+        // The tree of `reduce32`, vectorised.
+        for (s, l) in sums.iter_mut().zip(&state) {
+            *s = super::super::matmul::x86::reduce(l);
         }
     }
 }

@@ -364,7 +364,7 @@ fn run<T: Float>(kernel: Kernel, x: &[T], d: Dims, signs: &[u8], alphas: Alphas<
 /// and load: the order of the sum is untouched), so the chunk of x stays in
 /// L1 while every row tile of the task reuses it.
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(crate) mod x86 {
     use std::arch::x86_64::*;
 
     use super::{word_at, WORD};
@@ -375,7 +375,7 @@ mod x86 {
     /// The fixed tree over 32 lanes, a[i] += a[i + off] for off = 16..1.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    fn reduce(a: &[f32; WORD]) -> f32 {
+    pub(crate) fn reduce(a: &[f32; WORD]) -> f32 {
         // SAFETY: `a` holds 32 f32, the two loads read 16 each.
         let (lo, hi) = unsafe { (_mm512_loadu_ps(a.as_ptr()), _mm512_loadu_ps(a.as_ptr().add(16))) };
         let v = _mm512_add_ps(lo, hi);
