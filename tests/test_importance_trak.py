@@ -260,3 +260,25 @@ def test_bad_inputs_name_the_argument():
     tr.featurize((x[:2], y[:2]), [0, 1])
     with pytest.raises(ValueError, match="not featurized"):
         tr.finalize()
+
+
+@pytest.mark.parametrize("per_module", [False, True])
+def test_features_match_per_example_autograd(per_module):
+    # Reference: one backward pass per example, no vmap.
+    from ferrox.importance import margin_output, module_seed
+    x, y, models = logistic_setup(3, n=12)
+    model = models[0]
+    names = ["0.weight", "2.weight", "2.bias"]
+    tr = TRAKer(model, x.shape[0], params=names, proj_dim=24, seed=9, per_module=per_module)
+    tr.featurize((x, y), torch.arange(x.shape[0]))
+    plist = dict(model.named_parameters())
+    want = []
+    for i in range(x.shape[0]):
+        out = margin_output(model, x[i], y[i])
+        gs = torch.autograd.grad(out, [plist[n] for n in names])
+        if per_module:
+            want.append(torch.cat([project(g.reshape(-1), 24, module_seed(9, k)) for k, g in enumerate(gs)]))
+        else:
+            want.append(project(torch.cat([g.reshape(-1) for g in gs]), 24, 9))
+    torch.testing.assert_close(torch.from_numpy(tr._feat[0]), torch.stack(want), rtol=1e-4, atol=1e-5)
+    assert tr._feat[0].shape[1] == (72 if per_module else 24)

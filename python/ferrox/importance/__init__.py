@@ -18,6 +18,7 @@ _WHERE = {
     "learn_importance": "mle", "group_gradient": "mle",
     "prune_lowest": "mle", "reweight_scores": "mle", "rerank": "mle",
     "project": "trak", "TRAKer": "trak", "margin_output": "trak", "margin_out_to_loss": "trak",
+    "module_seed": "trak",
 }
 
 __all__ = sorted(_WHERE)

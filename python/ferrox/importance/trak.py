@@ -38,7 +38,7 @@ import torch
 
 from .. import _core
 
-__all__ = ["project", "TRAKer", "margin_output", "margin_out_to_loss"]
+__all__ = ["project", "TRAKer", "margin_output", "margin_out_to_loss", "module_seed"]
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -74,6 +74,11 @@ def project(grads, p, seed=0, out=None):
         return out
     res = res.to(dev)
     return res[0] if one else res
+
+
+def module_seed(seed, k):
+    """The projection seed of the k-th parameter tensor with ``per_module``."""
+    return (seed + (k + 1) * 0x9E3779B97F4A7C15) % 2**64
 
 
 def margin_output(model, x, y):
@@ -126,10 +131,14 @@ class TRAKer:
     ``1e-6 × mean diagonal``. ``save_dir``: features are kept in
     memory-mapped ``.npy`` files there with a mask of featurized indices, so
     an interrupted run resumes (already featurized indices are skipped).
+    ``per_module=True``: each selected parameter tensor's gradient is
+    projected on its own to ``proj_dim`` (seed ``module_seed(seed, k)`` for
+    the k-th name) and the pieces are concatenated (feature dim = proj_dim ×
+    number of tensors), so the full flat gradient is never built.
     """
 
     def __init__(self, model, train_size, output_fn=margin_output, out_to_loss=margin_out_to_loss,
-                 params=None, proj_dim=2048, seed=0, lambda_=None, save_dir=None, batch_chunk=None):
+                 params=None, proj_dim=2048, seed=0, lambda_=None, save_dir=None, per_module=False):
         if not isinstance(train_size, int) or train_size < 1:
             raise ValueError(f"train_size: expected a positive int, got {train_size!r}")
         if proj_dim is not None and (not isinstance(proj_dim, int) or proj_dim < 1):
@@ -143,7 +152,10 @@ class TRAKer:
         plist = dict(model.named_parameters())
         self.grad_dim = sum(plist[n].numel() for n in self.names)
         self.proj_dim = proj_dim
-        self.dim = self.grad_dim if proj_dim is None else proj_dim
+        if per_module and proj_dim is None:
+            raise ValueError("per_module: needs a proj_dim")
+        self.per_module = bool(per_module)
+        self.dim = self.grad_dim if proj_dim is None else proj_dim * (len(self.names) if per_module else 1)
         self.save_dir = save_dir
         if save_dir is not None:
             os.makedirs(save_dir, exist_ok=True)
@@ -199,14 +211,18 @@ class TRAKer:
             return self.output_fn(call_with(p_sel), *ex)
 
         g = vmap(grad(f), in_dims=(None,) + (0,) * len(batch))(sel, *batch)
-        flat = torch.cat([g[n].reshape(g[n].shape[0], -1) for n in self.names], dim=1)
+        rows = [g[n].detach().reshape(g[n].shape[0], -1).float() for n in self.names]
         with torch.no_grad():
             if self.out_to_loss is None:
-                q = torch.ones(flat.shape[0])
+                q = torch.ones(rows[0].shape[0])
             else:
                 q = vmap(lambda *ex: self.out_to_loss(call_with(sel), *ex))(*batch)
-        flat = flat.detach().float()
-        phi = flat.cpu() if self.proj_dim is None else project(flat, self.proj_dim, self.seed)
+        if self.per_module:
+            phi = torch.cat([project(r, self.proj_dim, module_seed(self.seed, k)).cpu()
+                             for k, r in enumerate(rows)], dim=1)
+        else:
+            flat = torch.cat(rows, dim=1)
+            phi = flat.cpu() if self.proj_dim is None else project(flat, self.proj_dim, self.seed)
         return phi.cpu(), q.detach().float().cpu()
 
     def featurize(self, batch, indices):
