@@ -234,7 +234,8 @@ def test_ensemble_is_the_mean_and_resume_skips_done(tmp_path):
     assert sum(rows) == 2 * x.shape[0] - 60, rows
     tr._features = real
     tr.finalize()
-    ens = tr.score((xe, ye), checkpoints=sds)
+    ens = tr.score((xe, ye), checkpoints=sds, out_path=str(tmp_path / "scores.npy"))
+    assert torch.equal(torch.from_numpy(np.load(tmp_path / "scores.npy", mmap_mode="r").copy()), ens)
     torch.testing.assert_close(ens, (singles[0] + singles[1]) / 2, rtol=1e-4, atol=1e-6)
     assert not torch.allclose(singles[0], singles[1], atol=1e-3)
 

@@ -274,10 +274,11 @@ class TRAKer:
                 solved[s:s + chunk] = torch.cholesky_solve(c.T, chol).T.float().numpy()
             self._solved[m] = solved
 
-    def score(self, eval_batch, checkpoints=None):
+    def score(self, eval_batch, checkpoints=None, out_path=None):
         """τ [n_train, n_eval] float32 (mean over the checkpoints' scores).
         ``checkpoints``: {model_id: state_dict} to evaluate each eval feature
-        under its checkpoint (None: the model as it is, for a single one)."""
+        under its checkpoint (None: the model as it is, for a single one).
+        ``out_path``: also write τ there as a ``.npy`` file (memory-mappable)."""
         if not self._solved or set(self._solved) != set(self._feat):
             raise ValueError("score: call finalize() first")
         ids = sorted(self._solved)
@@ -291,4 +292,10 @@ class TRAKer:
             s = torch.from_numpy(np.asarray(self._solved[m])) @ phi_e.T
             s *= torch.from_numpy(np.asarray(self._q[m]))[:, None]
             total = s if total is None else total + s
-        return total / len(ids)
+        total /= len(ids)
+        if out_path is not None:
+            mm = np.lib.format.open_memmap(out_path, mode="w+", dtype=np.float32, shape=tuple(total.shape))
+            mm[:] = total.numpy()
+            mm.flush()
+            del mm
+        return total
