@@ -572,3 +572,36 @@ def test_fused_linear_errors_name_what_is_wrong():
         _core.delta_linear(x, w, b, stacked, 1.0, torch.tensor([0, 1, 1]), y)
     with pytest.raises(ValueError, match=r"signs: expected shape \[tenants, out_features, 3\]"):
         _core.delta_linear(x, w, b, signs, torch.ones(2), torch.tensor([0, 1, 1]), y)
+
+
+def test_modules_take_the_fused_kernel_only_for_small_cpu_batches_without_autograd():
+    from unittest import mock
+
+    from ferrox.delta import BitDeltaLinear, MultiDeltaLinear
+    from ferrox.delta.modules import FUSED_MAX_ROWS
+
+    torch.manual_seed(3)
+    lin = torch.nn.Linear(70, 33)
+    signs = torch.randint(0, 256, (2, 33, 9), dtype=torch.uint8)
+    m = BitDeltaLinear(lin, signs[0], 0.01)
+    multi = MultiDeltaLinear(lin, [m, (signs[1], 0.02)])
+    calls = []
+    real = _core.delta_linear
+
+    def spy(*a):
+        calls.append(a[0].shape[0])
+        return real(*a)
+
+    with mock.patch.object(_core, "delta_linear", side_effect=spy):
+        with torch.no_grad():
+            x = torch.randn(FUSED_MAX_ROWS, 70)
+            y = m(x)
+            ym = multi(x, torch.arange(FUSED_MAX_ROWS) % 2)
+            m(torch.randn(FUSED_MAX_ROWS + 1, 70))  # above the threshold: torch's GEMM + delta_matmul
+        assert calls == [FUSED_MAX_ROWS, FUSED_MAX_ROWS]
+        m(x)  # the base weight requires grad: the autograd path
+        assert len(calls) == 2
+    want = torch.empty(FUSED_MAX_ROWS, 33)
+    real(x, lin.weight.detach(), lin.bias.detach(), signs[0], 0.01, None, want)
+    assert torch.equal(y, want)
+    assert torch.equal(ym[0::2], want[0::2])
