@@ -27,8 +27,12 @@ The projection (in the Rust core, on the CPU) is ``P = G·Rᵀ/√p`` with a
 Rademacher ``R`` that is a fixed function of (seed, i, j) and is generated
 on the fly, never stored: ``R[i, j] = -1`` iff bit ``j % 32`` of Philox
 element ``j // 32`` of stream (seed, i) is set (``ferrox._core.philox_bits``
-with ``stream=i`` gives those words). The f32 sum over j runs in ascending
-order, so the result has the same bits for any thread count.
+with ``stream=i`` gives those words). The f32 sums run in one fixed order
+(columns in groups of 4, each group summed from 0, the groups added in
+ascending order; see ``rust/core/src/importance/project.rs``), so the result
+has the same bits for any thread count.
+
+Not yet: a CUDA projection kernel (CUDA tensors are projected on the CPU).
 """
 
 import os
