@@ -231,7 +231,7 @@ def test_bad_values_are_one_line_errors_naming_the_key(capsys, models, tmp_path,
 @pytest.mark.parametrize("text,needle", [
     ("[" * 5000 + "]" * 5000, "nested too deeply"),
     ("merge_method: [ties]\nmodels: []\n", "merge_method must be a method name"),
-    ("merge_method: ties\ndtype: [bfloat16]\n", "dtype must be one of"),
+    ("merge_method: ties\nmodels: [{model: a}]\ndtype: [bfloat16]\n", "dtype must be one of"),
     ("\xff\xfe", "not UTF-8"),
     ("a: b: c", "not valid YAML"),
 ])
