@@ -283,3 +283,10 @@ def test_features_match_per_example_autograd(per_module):
             want.append(project(torch.cat([g.reshape(-1) for g in gs]), 24, 9))
     torch.testing.assert_close(torch.from_numpy(tr._feat[0]), torch.stack(want), rtol=1e-4, atol=1e-5)
     assert tr._feat[0].shape[1] == (72 if per_module else 24)
+
+
+def test_numpy_integer_seeds_equal_python_ints_and_bools_are_refused():
+    g = torch.randn(3, 100, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(project(g, 16, np.uint32(7)), project(g, 16, 7))
+    with pytest.raises(ValueError, match="seed"):
+        project(g, 16, True)

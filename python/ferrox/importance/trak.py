@@ -59,8 +59,10 @@ def project(grads, p, seed=0, out=None):
         raise ValueError(f"grads: expected shape [n, d] or [d], got {list(grads.shape)}")
     if not isinstance(p, int) or isinstance(p, bool) or p < 1:
         raise ValueError(f"p: expected a positive int, got {p!r}")
-    if not isinstance(seed, int) or not 0 <= seed < 2**64:
+    # numpy integers too (seeds often come from np.random), as sampled_gradient takes them; bools are not seeds
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**64:
         raise ValueError(f"seed: expected an int in [0, 2^64), got {seed!r}")
+    seed = int(seed)
     one = grads.dim() == 1
     g = grads.detach().reshape(1, -1) if one else grads.detach()
     dev = g.device
