@@ -21,7 +21,7 @@ import yaml
 from .. import _core, dtypes
 from .. import checkpoint as ckpt
 from ..output import OutputFolder, PlannedTensor
-from .config import MergeConfig
+from .config import MergeConfig, model_num_layers
 from .settings import LAYER_RE, layer_index
 from .terms import merge_terms, row_length
 
@@ -258,21 +258,6 @@ def _merge_torch(cfg: MergeConfig, p, inputs, entries, writer, allow_nonfinite: 
     changed = int(torch.count_nonzero(out != ref.to(out.dtype)))
     writer.write(p.name, out.cpu())
     return changed
-
-
-def _num_layers(path: str, names) -> Optional[int]:
-    """A model's layer count as mergekit reads it (config.json's
-    num_hidden_layers), else one past the largest layer index in its tensor names."""
-    folder = path if os.path.isdir(path) else os.path.dirname(path)
-    try:
-        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
-            n = json.load(f).get("num_hidden_layers")
-        if isinstance(n, int) and not isinstance(n, bool) and n > 0:
-            return n
-    except (OSError, ValueError, AttributeError):
-        pass
-    found = [i for i in (layer_index(n) for n in names) if i is not None]
-    return max(found) + 1 if found else None
 
 
 def parse_device(device: str):
@@ -512,7 +497,7 @@ def merge_checkpoints(cfg: MergeConfig, out: str, *, force: bool = False, max_sh
     ref = 0 if cfg.method.in_core else (cfg.base_index or 0)
     planned = _plan(cfg, [inputs[ref]] + inputs[:ref] + inputs[ref + 1:])
     if cfg.num_layers is None:
-        cfg.num_layers = _num_layers(paths[ref], inputs[ref].by_name)
+        cfg.num_layers = model_num_layers(paths[ref], inputs[ref].by_name)
     if max_shard_bytes == 0:  # mergekit's "no limit"
         max_shard_bytes = sum(p.nbytes for p in planned) + 1
     density, merged, copied = {}, 0, 0

@@ -417,10 +417,11 @@ def parse_config(raw: dict, config_dir: Optional[str] = None) -> MergeConfig:
                        varying=varying)
 
 
-def model_num_layers(path: str) -> Optional[int]:
+def model_num_layers(path: str, names=None) -> Optional[int]:
     """A model's layer count as mergekit reads it (config.json's
     num_hidden_layers), else one past the largest layer index in its tensor
-    names (None when it has no layers)."""
+    names (``names``, or read from the checkpoint's header; None when it has
+    no layers)."""
     import json
 
     from .. import checkpoint as ckpt
@@ -433,7 +434,9 @@ def model_num_layers(path: str) -> Optional[int]:
             return n
     except (OSError, ValueError, AttributeError):
         pass
-    found = [i for i in (layer_index(t.name) for t in ckpt.read_checkpoint(path).tensors) if i is not None]
+    if names is None:
+        names = [t.name for t in ckpt.read_checkpoint(path).tensors]
+    found = [i for i in (layer_index(n) for n in names) if i is not None]
     return max(found) + 1 if found else None
 
 

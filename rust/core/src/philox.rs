@@ -51,12 +51,22 @@ pub fn philox4x32_10(ctr: [u32; 4], key: [u32; 2]) -> [u32; 4] {
 /// word j of block `first + l`, the same bits as `philox_block`.
 #[inline(always)]
 pub fn philox_blocks<const L: usize>(seed: u64, stream: u64, first: u64, out: &mut [u32]) {
-    let (mut c0, mut c1) = ([0u32; L], [0u32; L]);
-    let (mut c2, mut c3) = ([stream as u32; L], [(stream >> 32) as u32; L]);
+    let mut c = [[0u32; L], [0u32; L], [stream as u32; L], [(stream >> 32) as u32; L]];
     for l in 0..L {
         let b = first.wrapping_add(l as u64);
-        (c0[l], c1[l]) = (b as u32, (b >> 32) as u32);
+        (c[0][l], c[1][l]) = (b as u32, (b >> 32) as u32);
     }
+    philox_rounds(seed, &mut c);
+    for (l, o) in out.chunks_exact_mut(4).take(L).enumerate() {
+        o.copy_from_slice(&[c[0][l], c[1][l], c[2][l], c[3][l]]);
+    }
+}
+
+/// The 10 rounds of Philox4x32 on L counters side by side (structure of
+/// arrays, so the rounds vectorise): `c[k][l]` is word k of lane l, in and
+/// out. Every lane uses the key `seed`; callers lay out the counters.
+#[inline(always)]
+pub(crate) fn philox_rounds<const L: usize>(seed: u64, c: &mut [[u32; L]; 4]) {
     let (mut k0, mut k1) = (seed as u32, (seed >> 32) as u32);
     for round in 0..10 {
         if round > 0 {
@@ -64,14 +74,11 @@ pub fn philox_blocks<const L: usize>(seed: u64, stream: u64, first: u64, out: &m
             k1 = k1.wrapping_add(W1);
         }
         for l in 0..L {
-            let p0 = M0 as u64 * c0[l] as u64;
-            let p1 = M1 as u64 * c2[l] as u64;
-            let (n0, n2) = ((p1 >> 32) as u32 ^ c1[l] ^ k0, (p0 >> 32) as u32 ^ c3[l] ^ k1);
-            (c0[l], c1[l], c2[l], c3[l]) = (n0, p1 as u32, n2, p0 as u32);
+            let p0 = M0 as u64 * c[0][l] as u64;
+            let p1 = M1 as u64 * c[2][l] as u64;
+            let (n0, n2) = ((p1 >> 32) as u32 ^ c[1][l] ^ k0, (p0 >> 32) as u32 ^ c[3][l] ^ k1);
+            (c[0][l], c[1][l], c[2][l], c[3][l]) = (n0, p1 as u32, n2, p0 as u32);
         }
-    }
-    for (l, o) in out.chunks_exact_mut(4).take(L).enumerate() {
-        o.copy_from_slice(&[c0[l], c1[l], c2[l], c3[l]]);
     }
 }
 

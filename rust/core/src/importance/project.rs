@@ -24,7 +24,7 @@
 use rayon::prelude::*;
 
 use crate::error::{check_len, Error, Result};
-use crate::philox::philox_block;
+use crate::philox::{philox_block, philox_rounds};
 use crate::simd::multiversion;
 use crate::Float;
 
@@ -49,40 +49,17 @@ fn sign(bit: u32) -> f32 {
     f32::from_bits(0x3f80_0000 | (bit << 31))
 }
 
-// Philox4x32 round constants (Random123's, the same as `crate::philox`);
-// `block_words` computes the blocks of 64 streams side by side so the rounds
-// vectorise, and the tests check it against `philox_block`.
-const M0: u32 = 0xD251_1F53;
-const M1: u32 = 0xCD9E_8D57;
-const W0: u32 = 0x9E37_79B9;
-const W1: u32 = 0xBB67_AE85;
-
+/// The blocks of IB streams side by side (`crate::philox::philox_rounds`;
+/// the tests check them against `philox_block`):
 /// `w[k][ii]` = word k of `philox_block(seed, i0 + ii, b)`, ii < IB.
 #[inline(always)]
 fn block_words(seed: u64, i0: u64, b: u64, w: &mut [[u32; IB]; 4]) {
-    let (mut c0, mut c1) = ([b as u32; IB], [(b >> 32) as u32; IB]);
-    let (mut c2, mut c3) = ([0u32; IB], [0u32; IB]);
+    *w = [[b as u32; IB], [(b >> 32) as u32; IB], [0u32; IB], [0u32; IB]];
     for l in 0..IB {
         let s = i0.wrapping_add(l as u64);
-        (c2[l], c3[l]) = (s as u32, (s >> 32) as u32);
+        (w[2][l], w[3][l]) = (s as u32, (s >> 32) as u32);
     }
-    let (mut k0, mut k1) = (seed as u32, (seed >> 32) as u32);
-    for round in 0..10 {
-        if round > 0 {
-            k0 = k0.wrapping_add(W0);
-            k1 = k1.wrapping_add(W1);
-        }
-        for l in 0..IB {
-            let p0 = M0 as u64 * c0[l] as u64;
-            let p1 = M1 as u64 * c2[l] as u64;
-            let (n0, n2) = (
-                (p1 >> 32) as u32 ^ c1[l] ^ k0,
-                (p0 >> 32) as u32 ^ c3[l] ^ k1,
-            );
-            (c0[l], c1[l], c2[l], c3[l]) = (n0, p1 as u32, n2, p0 as u32);
-        }
-    }
-    (w[0], w[1], w[2], w[3]) = (c0, c1, c2, c3);
+    philox_rounds(seed, w);
 }
 
 multiversion! {
