@@ -4,6 +4,7 @@
 //! `rust/python` only converts tensors, releases the GIL and maps errors.
 
 pub mod checkpoint;
+pub mod codebook;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod delta;
