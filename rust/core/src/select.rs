@@ -572,6 +572,149 @@ pub fn band_mask_rows<T: Float>(x: &[T], row_len: usize, lo: usize, hi: usize, o
         .map_err(|_: usize| first_nan(x))
 }
 
+/// Global top-`r` selection over several tensors at once (WAGLE's one mask
+/// across all parameters): the tensors are ranked as if concatenated in the
+/// order given, each flattened, so the tie rule above applies to the
+/// concatenation: among equal |x| the element of the earlier tensor, then
+/// the lower index inside one tensor, is kept first. Exactly `r` ones are
+/// written in total. One histogram per radix pass is summed over the tensors
+/// (the pieces of one `CutHistograms`, as the merge engine sums chunks), so
+/// memory is O(bins + chunks), never a copy of the scores. Returns the cut
+/// (`Cut::EMPTY` for r = 0).
+pub fn global_top_mask<T: Float>(xs: &[&[T]], r: usize, outs: &mut [&mut [u8]]) -> Result<Cut> {
+    if xs.len() != outs.len() {
+        return Err(Error::Shape(format!("outs: expected {} masks (one per tensor), got {}", xs.len(), outs.len())));
+    }
+    for (i, (x, o)) in xs.iter().zip(outs.iter()).enumerate() {
+        if x.len() != o.len() {
+            return Err(Error::Shape(format!("outs[{i}]: expected {} elements (those of x[{i}]), got {}", x.len(), o.len())));
+        }
+    }
+    let total: usize = xs.iter().map(|x| x.len()).sum();
+    check_rank("r", r, 0, total)?;
+    let nan = |i: usize| move |j: usize| Error::Value(format!("x[{i}] contains NaN at index {j}"));
+    let mut h = CutHistograms::new(&[r], T::KEY_BITS);
+    for (i, x) in xs.iter().enumerate() {
+        h.count_high(*x).map_err(nan(i))?;
+    }
+    if h.needs_low_pass() {
+        for x in xs {
+            h.count_low(*x);
+        }
+    }
+    let cut = h.cuts()[0];
+    // Tie ordinals run across tensors: each chunk starts at the number of cut
+    // keys in every earlier chunk, of this tensor and of the earlier ones.
+    let mut before = 0;
+    let starts: Vec<Vec<usize>> = xs
+        .iter()
+        .map(|x| {
+            let counts = if cut.partial() { key_counts(*x, cut.cut.key) } else { vec![0; x.len().div_ceil(CHUNK)] };
+            counts
+                .iter()
+                .map(|&c| {
+                    let start = before;
+                    before += c;
+                    start
+                })
+                .collect()
+        })
+        .collect();
+    for ((x, out), starts) in xs.iter().zip(outs.iter_mut()).zip(&starts) {
+        out.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).zip(starts.par_iter()).for_each(|((o, xs), &seen)| {
+            let hi = Rule::new(cut.cut, seen, cut.partial());
+            write_band(xs, o, Rule::new(RankCut::empty(), 0, false), hi);
+        });
+    }
+    Ok(cut)
+}
+
+/// Per `CHUNK` chunk of `x`, how many keys equal `key` (NaN was refused).
+fn key_counts<K: Keys + ?Sized>(x: &K, key: u32) -> Vec<usize> {
+    par_ranges(x.len())
+        .map(|range| {
+            let mut c = 0;
+            let _ = x.for_each_block(range, |keys| c += keys.iter().filter(|&&k| k == key).count());
+            c
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod global_tests {
+    use super::*;
+    use half::{bf16, f16};
+
+    use crate::test_rng::XorShift;
+
+    fn random<T: Float>(n: usize, seed: u64, tie_heavy: bool) -> Vec<T> {
+        let mut g = XorShift::new(seed);
+        let levels = [0.0f32, -0.0, 1.0, -1.0, 0.5, -2.0];
+        (0..n).map(|_| T::from_f32(if tie_heavy { levels[g.below(6) as usize] } else { g.normal_ish() })).collect()
+    }
+
+    /// The mask from a stable sort of the concatenation by |x| descending.
+    fn reference<T: Float>(xs: &[Vec<T>], r: usize) -> Vec<u8> {
+        let all: Vec<f32> = xs.iter().flatten().map(|v| v.to_f32().abs()).collect();
+        let mut idx: Vec<usize> = (0..all.len()).collect();
+        idx.sort_by(|&a, &b| all[b].partial_cmp(&all[a]).unwrap());
+        let mut mask = vec![0u8; all.len()];
+        idx[..r].iter().for_each(|&i| mask[i] = 1);
+        mask
+    }
+
+    fn check<T: Float>(sizes: &[usize], seed: u64, tie_heavy: bool) {
+        let xs: Vec<Vec<T>> = sizes.iter().enumerate().map(|(i, &n)| random(n, seed * 31 + i as u64, tie_heavy)).collect();
+        let total: usize = sizes.iter().sum();
+        for r in [0, 1, total / 3, total / 2 + 1, total.saturating_sub(1), total].into_iter().filter(|&r| r <= total) {
+            let mut outs: Vec<Vec<u8>> = sizes.iter().map(|&n| vec![7u8; n]).collect();
+            let slices: Vec<&[T]> = xs.iter().map(|x| &x[..]).collect();
+            let mut out_refs: Vec<&mut [u8]> = outs.iter_mut().map(|o| &mut o[..]).collect();
+            global_top_mask(&slices, r, &mut out_refs).unwrap();
+            let got: Vec<u8> = outs.concat();
+            assert_eq!(got.iter().map(|&o| o as usize).sum::<usize>(), r, "sizes={sizes:?} r={r}");
+            assert!(got == reference(&xs, r), "{:?} sizes={sizes:?} seed={seed} ties={tie_heavy} r={r}", T::DTYPE);
+        }
+    }
+
+    #[test]
+    fn matches_a_stable_sort_of_the_concatenation() {
+        for sizes in [&[][..], &[0, 0], &[1], &[5, 0, 3], &[17, 1000, 1], &[4097, 33, 2000]] {
+            for seed in 0..3 {
+                for ties in [false, true] {
+                    check::<f32>(sizes, seed, ties);
+                    check::<f16>(sizes, seed, ties);
+                    check::<bf16>(sizes, seed, ties);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn tie_ordinals_cross_chunks_and_tensors() {
+        // Tensors longer than a CHUNK, all drawn from a few levels, so the
+        // cut is partial and its ties span chunks and tensors.
+        let sizes = [CHUNK + 7, 5, 2 * CHUNK + 1];
+        check::<bf16>(&sizes, 9, true);
+        check::<f32>(&sizes, 10, true);
+    }
+
+    #[test]
+    fn errors_name_the_tensor() {
+        let a = [1.0f32, 2.0];
+        let b = [3.0f32, f32::NAN];
+        let (mut oa, mut ob) = ([0u8; 2], [0u8; 2]);
+        let err = global_top_mask(&[&a[..], &b[..]], 1, &mut [&mut oa[..], &mut ob[..]]).unwrap_err();
+        assert!(matches!(err, Error::Value(m) if m == "x[1] contains NaN at index 1"));
+        let err = global_top_mask(&[&a[..], &a[..]], 5, &mut [&mut oa[..], &mut ob[..]]).unwrap_err();
+        assert!(matches!(err, Error::Value(m) if m == "r: expected 0 <= r <= 4, got 5"));
+        let mut short = [0u8; 1];
+        let err = global_top_mask(&[&a[..], &a[..]], 1, &mut [&mut oa[..], &mut short[..]]).unwrap_err();
+        assert!(matches!(err, Error::Shape(m) if m.starts_with("outs[1]")));
+        assert!(matches!(global_top_mask(&[&a[..]], 1, &mut []), Err(Error::Shape(_))));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -31,6 +31,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(ops::axpby, m)?)?;
     m.add_function(wrap_pyfunction!(select::kth_largest_abs, m)?)?;
     m.add_function(wrap_pyfunction!(select::band_mask, m)?)?;
+    m.add_function(wrap_pyfunction!(select::global_top_mask, m)?)?;
     m.add_function(wrap_pyfunction!(merge::merge_tensor, m)?)?;
     m.add_function(wrap_pyfunction!(merge::merge_tensor_files, m)?)?;
     m.add_function(wrap_pyfunction!(pack::packed_row_bytes, m)?)?;

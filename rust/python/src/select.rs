@@ -61,3 +61,69 @@ pub fn band_mask(
         })
     })
 }
+
+/// One top-`r` mask across several tensors (ranked as their concatenation
+/// by |x|; ties: earlier tensor, then lower index): writes exactly `r` ones
+/// into `outs` and returns the r-th largest |x| (None for r = 0). All
+/// tensors share one float dtype (`ferrox.importance` converts mixed ones).
+#[pyfunction]
+pub fn global_top_mask(
+    py: Python<'_>,
+    xs: Vec<Bound<'_, PyAny>>,
+    r: usize,
+    outs: Vec<Bound<'_, PyAny>>,
+) -> PyResult<Option<f64>> {
+    let xs = xs.iter().map(|x| Tensor::input("xs[i]", x)).collect::<PyResult<Vec<_>>>()?;
+    let outs = outs.iter().map(|o| Tensor::output("outs[i]", o)).collect::<PyResult<Vec<_>>>()?;
+    let dtype = xs.first().map_or(DType::F32, |x| x.dtype);
+    (|| {
+        if xs.len() != outs.len() {
+            return Err(ferrox_core::Error::Shape(format!(
+                "outs: expected {} masks (one per tensor), got {}",
+                xs.len(),
+                outs.len()
+            )));
+        }
+        for (i, (x, o)) in xs.iter().zip(&outs).enumerate() {
+            let name = |what: &str| format!("{what}[{i}]");
+            if x.device != crate::tensor::Device::Cpu || o.device != crate::tensor::Device::Cpu {
+                return Err(ferrox_core::Error::Device(format!("{}: expected cpu tensors", name("xs/outs"))));
+            }
+            if !FLOATS.contains(&x.dtype) || x.dtype != dtype {
+                return Err(ferrox_core::Error::DType(format!(
+                    "{}: expected float32, float16 or bfloat16 like xs[0] ({dtype}), got {}",
+                    name("xs"),
+                    x.dtype
+                )));
+            }
+            if !matches!(o.dtype, DType::Bool | DType::U8) {
+                return Err(ferrox_core::Error::DType(format!("{}: expected bool or uint8, got {}", name("outs"), o.dtype)));
+            }
+            if o.shape != x.shape {
+                return Err(ferrox_core::Error::Shape(format!(
+                    "{}: expected shape {:?} (that of xs[{i}]), got {:?}",
+                    name("outs"),
+                    x.shape,
+                    o.shape
+                )));
+            }
+            for (j, other) in xs.iter().chain(&outs).enumerate() {
+                if j != xs.len() + i {
+                    o.check_alias(other, false)
+                        .map_err(|_| ferrox_core::Error::Value(format!("{}: overlaps another input or mask", name("outs"))))?;
+                }
+            }
+        }
+        Ok(())
+    })()
+    .map_err(to_py)?;
+    with_float!(dtype, "xs", T => {
+        let slices: Vec<&[T]> = xs.iter().map(|x| unsafe { x.slice::<T>() }).collect();
+        // SAFETY: each mask was checked to overlap no input and no other mask.
+        let mut masks: Vec<&mut [u8]> = outs.iter().map(|o| unsafe { o.slice_mut::<u8>() }).collect();
+        compute(py, move || {
+            select::global_top_mask(&slices, r, &mut masks)
+                .map(|cut| (r > 0).then(|| T::from_abs_key(cut.cut.key).to_f32() as f64))
+        })
+    })
+}
