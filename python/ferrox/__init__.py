@@ -17,7 +17,7 @@ from . import _core
 from ._core import CudaError, InternalError, __version__
 from ._runtime import get_num_threads, set_num_threads
 
-_SUBMODULES = ("checkpoint", "cuda", "dtypes", "extract", "importance", "merge", "models", "moe", "ops", "output", "pack",
+_SUBMODULES = ("checkpoint", "cuda", "dtypes", "extract", "importance", "merge", "models", "moe", "ops", "optim", "output", "pack",
                "philox", "select", "synthetic", "testing")
 
 __all__ = ["__version__", "CudaError", "InternalError", "get_num_threads", "set_num_threads", *_SUBMODULES]

@@ -13,6 +13,7 @@ pub mod error;
 pub mod importance;
 pub mod merge;
 pub mod ops;
+pub mod optim;
 pub mod pack;
 pub mod philox;
 pub mod select;

@@ -12,6 +12,7 @@ mod error;
 mod importance;
 mod merge;
 mod ops;
+mod optim;
 mod pack;
 mod philox;
 mod runtime;

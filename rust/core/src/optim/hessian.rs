@@ -1,0 +1,2 @@
+//! Fused state updates of the Hessian-based optimizers (SophiaG/H,
+//! AdaHessian).

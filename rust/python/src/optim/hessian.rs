@@ -1,0 +1,1 @@
+//! Bindings of `ferrox_core::optim::hessian`.

@@ -1,0 +1,3 @@
+//! Bindings of `ferrox_core::optim`: one file per optimizer family.
+
+pub mod hessian;
