@@ -24,6 +24,7 @@ from ..output import OutputFolder, PlannedTensor
 from .config import MergeConfig, model_num_layers
 from .settings import LAYER_RE, layer_index
 from .terms import merge_terms, row_length
+from .tokenizer import Ref, VocabPlan, align_rows, build_vocab, is_vocab_tensor, resolve_chat_template, write_tokenizer
 
 #: Working memory of a streamed tensor merge (all inputs' chunk buffers plus
 #: the output's); bounds a merge's memory whatever the tensor sizes.
@@ -52,37 +53,102 @@ def load_state_dict(path) -> Dict[str, "torch.Tensor"]:  # noqa: F821
 
 
 class _Inputs:
-    """One input checkpoint's header, by tensor name."""
+    """One input checkpoint's header, by tensor name; with ``lora`` (mergekit's
+    ``model+lora``) the PEFT adapter is applied to each tensor it changes as
+    the tensor is read."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, lora: Optional[str] = None):
         self.info = ckpt.read_checkpoint(path)
-        self.path = path
+        self.path = path if lora is None else f"{path}+{lora}"
         self.by_name = {t.name: t for t in self.info.tensors}
         self.reader = ckpt.TensorReader()
+        self.lora = None
+        if lora is not None:
+            from ..extract.apply import _plan as lora_plan
+            from ..extract.apply import read_adapter
+
+            try:
+                adapter_cfg, adapter_entries = read_adapter(lora)
+                self.lora = lora_plan(self.info, adapter_cfg, adapter_entries, os.path.join(lora, "adapter_config.json"))
+            except ValueError as e:
+                raise MergeError(f"{self.path}: {e}") from None
+            for name, job in self.lora.items():
+                if job[0] != "replace" and self.by_name[name].dtype not in dtypes.KERNEL_FLOATS:
+                    raise MergeError(f"{self.path}: the adapter changes tensor {name!r}, which is "
+                                     f"{self.by_name[name].dtype}; expected F32, F16 or BF16")
 
     def entry(self, name):
         return self.by_name.get(name)
 
+    def adapted(self, entry) -> bool:
+        """The tensor is not the file's: the LoRA adapter changes it."""
+        return self.lora is not None and entry.name in self.lora
+
     def load(self, entry):
-        return self.reader.read(entry)
+        x = self.reader.read(entry)
+        if not self.adapted(entry):
+            return x
+        job = self.lora[entry.name]
+        if job[0] == "replace":  # modules_to_save: the adapter's copy, in the model's dtype
+            y = self.reader.read(job[1])
+            return y.to(x.dtype) if y.is_floating_point() else y
+        if job[0] == "lora":
+            # PEFT's merge_and_unload (what mergekit runs): the update (B·A)·scale in
+            # f32, rounded to the weight's dtype, then added in that dtype.
+            _, a, b, scale, transposed = job
+            upd = self.reader.read(b).float() @ self.reader.read(a).float()
+            upd = (upd.mT if transposed else upd) * scale
+            return x + upd.to(x.dtype)
+        # a LoRA bias: bias + B.bias·scale, rounded once
+        return (x.float() + self.reader.read(job[1]).float() * job[2]).to(x.dtype)
 
 
-def _plan(cfg: MergeConfig, inputs: List[_Inputs]) -> List[PlannedTensor]:
+def _input_refs(cfg: MergeConfig) -> List[Ref]:
+    """The merge's inputs in the order ``merge_checkpoints`` reads them."""
+    refs = [cfg.base_ref] if cfg.merge_base else []
+    return refs + [m.ref for m in cfg.models]
+
+
+@dataclass
+class _Vocab:
+    """A tokenizer merge: the output vocabulary and the inputs' positions."""
+    plan: VocabPlan
+    refs: List[Ref]
+    #: index (into ``refs``) of mergekit's base model when base_model is set, else None
+    base: Optional[int]
+
+
+def _vocab(cfg: MergeConfig, refs: List[Ref]) -> Optional[_Vocab]:
+    if cfg.tokenizer is None:
+        return None
+    base_ref = cfg.base_ref
+    base = next((i for i, r in enumerate(refs) if base_ref is not None and r.same(base_ref)), None)
+    try:
+        plan = build_vocab(cfg.tokenizer, refs, 0 if base is None else base)
+    except ValueError as e:
+        raise MergeError(str(e)) from None
+    return _Vocab(plan, refs, base)
+
+
+def _plan(cfg: MergeConfig, inputs: List[_Inputs], vocab_rows: Optional[int] = None) -> List[PlannedTensor]:
     """Output tensors in the reference model's order, checking every input
     has each tensor with the same shape, and the same dtype unless all are
     floats (mixed float inputs are cast to the merge's compute dtype, as
-    mergekit does)."""
+    mergekit does). With ``vocab_rows`` (a tokenizer merge) the vocabulary
+    tensors may differ in their row count and get ``vocab_rows`` rows."""
     ref = inputs[0]
     planned = []
     by_name = [i.by_name for i in inputs]
     out_dtype_name = cfg.out_dtype or cfg.dtype
     for t in ref.info.tensors:
+        vocab = vocab_rows is not None and is_vocab_tensor(t.name) and t.dtype in dtypes.KERNEL_FLOATS
         for inp, names in zip(inputs[1:], by_name[1:]):
             other = names.get(t.name)
             if other is None:
                 raise MergeError(f"{inp.path}: tensor {t.name!r} is missing (present in {ref.path})")
             mixed_floats = other.dtype in dtypes.KERNEL_FLOATS and t.dtype in dtypes.KERNEL_FLOATS
-            if other.shape != t.shape or (other.dtype != t.dtype and not mixed_floats):
+            same_shape = other.shape[1:] == t.shape[1:] if vocab else other.shape == t.shape
+            if not same_shape or (other.dtype != t.dtype and not mixed_floats):
                 raise MergeError(f"{inp.path}: tensor {t.name!r} is {other.dtype} {list(other.shape)}, "
                                  f"but {t.dtype} {list(t.shape)} in {ref.path}")
         f64 = next((inp for inp in inputs if inp.by_name[t.name].dtype == "F64"), None)
@@ -93,8 +159,9 @@ def _plan(cfg: MergeConfig, inputs: List[_Inputs]) -> List[PlannedTensor]:
         out_dtype = t.dtype
         if t.dtype in dtypes.KERNEL_FLOATS and out_dtype_name:
             out_dtype = dtypes.from_config_name(out_dtype_name)
-        nbytes = t.numel * dtypes.itemsize(out_dtype)
-        planned.append(PlannedTensor(t.name, out_dtype, t.shape, nbytes))
+        shape = (vocab_rows, *t.shape[1:]) if vocab else t.shape
+        nbytes = dtypes.numel(shape) * dtypes.itemsize(out_dtype)
+        planned.append(PlannedTensor(t.name, out_dtype, shape, nbytes))
     for inp, names in zip(inputs[1:], by_name[1:]):
         extra = set(names) - {t.name for t in ref.info.tensors}
         if extra:
@@ -180,15 +247,32 @@ def _merge_one(cfg: MergeConfig, p, entries, writer, allow_nonfinite: bool, chun
         )
 
 
-def _merge_on_device(cfg: MergeConfig, p, inputs, entries, writer, allow_nonfinite: bool, paths, device) -> int:
-    """Merges one float tensor in ferrox's CUDA kernels: the inputs are read
-    whole, moved to ``device``, merged there and written back."""
+def _load_tensors(cfg: MergeConfig, p, inputs, entries, device, vocab: Optional[_Vocab], paths):
+    """One tensor of each input, read whole (LoRA adapters applied), cast to the
+    compute dtype (mergekit's cast on load), re-indexed to the output
+    vocabulary when it is a vocabulary tensor of a tokenizer merge, and moved
+    to ``device`` (None: stays on the CPU)."""
+    compute = dtypes.to_torch(_compute_dtype(cfg, entries))
+    tensors = [inp.load(e).to(compute) for inp, e in zip(inputs, entries)]
+    if vocab is not None and is_vocab_tensor(p.name):
+        try:
+            tensors = align_rows(vocab.plan, p.name, tensors, list(range(len(tensors))), vocab.base, vocab.refs)
+        except ValueError as e:
+            raise MergeError(f"tensor {p.name!r}: {e} (inputs: {', '.join(paths)})") from None
+    return tensors if device is None else [t.to(device) for t in tensors]
+
+
+def _merge_on_device(cfg: MergeConfig, p, inputs, entries, writer, allow_nonfinite: bool, paths, device,
+                     vocab: Optional[_Vocab] = None) -> int:
+    """Merges one float tensor read whole: in ferrox's CUDA kernels on
+    ``device``, or in the Rust core on the CPU (``device`` None: a tensor a
+    LoRA adapter changes or a tokenizer merge re-indexes, which is not the
+    file's bytes)."""
     import torch
 
     from .tensor import merge_tensors
 
-    dtype = dtypes.to_torch(_compute_dtype(cfg, entries))
-    tensors = [i.load(e).to(dtype).to(device) for i, e in zip(inputs, entries)]  # cast before the kernels
+    tensors = _load_tensors(cfg, p, inputs, entries, device, vocab, paths)  # cast before the kernels
     base, models = (tensors[0], tensors[1:]) if cfg.merge_base else (None, tensors)
     shared, per_model = _gta_params(cfg, p.name)
     with _naming_tensor(cfg, p, paths, allow_nonfinite):
@@ -235,18 +319,14 @@ def _merge_order(cfg: MergeConfig, items, name_of):
 
 
 def _merge_torch(cfg: MergeConfig, p, inputs, entries, writer, allow_nonfinite: bool, paths, device,
-                 generator=None) -> int:
+                 generator=None, vocab: Optional[_Vocab] = None) -> int:
     """Merges one float tensor by a torch method (``TensorMethod``): one
     tensor of each input read, cast to the compute dtype (mergekit's cast on
     load), merged in float32 (on ``device`` when given), cast to the output
     dtype and written. Memory: this one tensor's inputs and temporaries."""
     import torch
 
-    compute = dtypes.to_torch(_compute_dtype(cfg, entries))
-    tensors = []
-    for inp, e in zip(inputs, entries):
-        x = inp.load(e).to(compute)
-        tensors.append(x if device is None else x.to(device))
+    tensors = _load_tensors(cfg, p, inputs, entries, device, vocab, paths)
     shared, per_model = cfg.tensor_params(p.name)
     with _naming_tensor(cfg, p, paths, allow_nonfinite):
         if not allow_nonfinite:
@@ -280,11 +360,12 @@ def _rewrite_config_dtype(dest: OutputFolder, dtype_name: str) -> None:
     _rewrite_config(dest, dtype_name, None)
 
 
-def _rewrite_config(dest: OutputFolder, dtype_name: Optional[str], n_layers: Optional[int]) -> None:
+def _rewrite_config(dest: OutputFolder, dtype_name: Optional[str], n_layers: Optional[int],
+                    vocab_size: Optional[int] = None) -> None:
     """Sets the copied config.json's dtype field (``torch_dtype``, and ``dtype``
-    where present) to the output's and ``num_hidden_layers`` to a sliced
-    merge's layer count, as mergekit does; every other value is kept as read
-    (key order too)."""
+    where present) to the output's, ``num_hidden_layers`` to a sliced
+    merge's layer count and ``vocab_size`` to a tokenizer merge's row count,
+    as mergekit does; every other value is kept as read (key order too)."""
     path = os.path.join(dest.path, "config.json")
     if not os.path.isfile(path):
         return
@@ -300,10 +381,29 @@ def _rewrite_config(dest: OutputFolder, dtype_name: Optional[str], n_layers: Opt
         updates.update({k: dtype_name for k in [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]})
     if n_layers is not None:
         updates["num_hidden_layers"] = n_layers
+    if vocab_size is not None:
+        updates["vocab_size"] = vocab_size
     if all(config.get(k) == v for k, v in updates.items()):
         return  # already right: leave the copy byte for byte
     config.update(updates)
     dest.write_text("config.json", json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+
+
+def _copy_integer(writer, p, inp: _Inputs, entry) -> None:
+    if inp.adapted(entry):  # a LoRA adapter's modules_to_save copy
+        writer.write(p.name, inp.load(entry))
+    else:
+        writer.copy(p.name, entry)
+
+
+def _write_tokenizer(cfg: MergeConfig, dest: OutputFolder, vocab: Optional[_Vocab], donor: str, folders) -> None:
+    template = resolve_chat_template(cfg.chat_template, folders)
+    if vocab is None and template is None:
+        return
+    try:
+        write_tokenizer(dest.path, vocab.plan if vocab else None, donor, template)
+    except ValueError as e:
+        raise MergeError(str(e)) from None
 
 
 def _is_pre_layer(name: str) -> bool:
@@ -388,8 +488,8 @@ def _merge_sliced(cfg: MergeConfig, out: str, *, force, max_shard_bytes, allow_n
 
     gpu = parse_device(device)
     start = time.perf_counter()
-    paths = [m.path for m in cfg.models]
-    inputs = [_Inputs(p) for p in paths]
+    inputs = [_Inputs(m.path, m.lora) for m in cfg.models]
+    paths = [i.path for i in inputs]
     jobs = _plan_sliced(cfg, inputs)
     planned = [j.planned for j in jobs]
     total = sum(p.nbytes for p in planned)
@@ -397,8 +497,9 @@ def _merge_sliced(cfg: MergeConfig, out: str, *, force, max_shard_bytes, allow_n
         max_shard_bytes = total + 1
     n_layers = sum(sl.length for sl in cfg.slices)
     density, merged, copied = {}, 0, 0
-    donor = cfg.base or paths[cfg.slices[0].sources[0].model]
-    sources = paths + ([cfg.config_path] if cfg.config_path else [])
+    donor = cfg.base or cfg.models[cfg.slices[0].sources[0].model].path
+    sources = ([m.path for m in cfg.models] + [m.lora for m in cfg.models if m.lora]
+               + ([cfg.config_path] if cfg.config_path else []))
     with OutputFolder(out, fmt="merge", inputs=sources, force=force, fsync=fsync) as dest:
         writer = dest.writer(planned, max_shard_bytes, metadata={"ferrox_method": cfg.method.name})
         bar = tqdm(total=total, desc=f"ferrox merge ({cfg.method.name}, slices)", unit="B", unit_scale=True,
@@ -411,13 +512,13 @@ def _merge_sliced(cfg: MergeConfig, out: str, *, force, max_shard_bytes, allow_n
                 entries = [inputs[i].entry(n) for i, n in job.sources]
                 job_paths = [paths[i] for i, _ in job.sources]
                 if entries[0].dtype not in dtypes.KERNEL_FLOATS:
-                    writer.copy(p.name, entries[0])
+                    _copy_integer(writer, p, inputs[job.sources[0][0]], entries[0])
                     copied += 1
                     bar.update(p.nbytes)
                     continue
                 shared, per_model = cfg.slice_params(job.sl, p.name, [n for _, n in job.sources], job.t)
                 if (cfg.method.name == "passthrough" and per_model[0].get("scale") is None
-                        and entries[0].dtype == p.dtype):
+                        and entries[0].dtype == p.dtype and not inputs[job.sources[0][0]].adapted(entries[0])):
                     writer.copy(p.name, entries[0])  # a plain copy: the input's bits
                     density[p.name] = 0.0
                 else:
@@ -438,6 +539,7 @@ def _merge_sliced(cfg: MergeConfig, out: str, *, force, max_shard_bytes, allow_n
                 merged += 1
                 bar.update(p.nbytes)
         dest.copy_side_files(donor)
+        _write_tokenizer(cfg, dest, None, donor, [m.path for m in cfg.models])
         _rewrite_config(dest, cfg.out_dtype or cfg.dtype, n_layers)
         dest.write_text("ferrox_config.yml", yaml.safe_dump(cfg.resolved(), sort_keys=False))
         lines = [f"Method: `{cfg.method.name}` ({cfg.method.reference}) over {len(cfg.slices)} slices, "
@@ -491,18 +593,23 @@ def merge_checkpoints(cfg: MergeConfig, out: str, *, force: bool = False, max_sh
                              progress=progress, device=device, fsync=fsync)
     gpu = parse_device(device)
     start = time.perf_counter()
-    paths = ([cfg.merge_base] if cfg.merge_base else []) + [m.path for m in cfg.models]
-    inputs = [_Inputs(p) for p in paths]
+    refs = _input_refs(cfg)
+    inputs = [_Inputs(r.path, r.lora) for r in refs]
+    paths = [i.path for i in inputs]
+    vocab = _vocab(cfg, refs)
     # The reference model (tensor order, default dtypes, integer buffers): the base, else the first model.
     ref = 0 if cfg.method.in_core else (cfg.base_index or 0)
-    planned = _plan(cfg, [inputs[ref]] + inputs[:ref] + inputs[ref + 1:])
+    planned = _plan(cfg, [inputs[ref]] + inputs[:ref] + inputs[ref + 1:], vocab.plan.rows if vocab else None)
+    if vocab is not None and not any(is_vocab_tensor(p.name) for p in planned):
+        raise MergeError(f"{paths[ref]}: a tokenizer merge re-indexes the vocabulary tensors "
+                         f"(embed_tokens, lm_head, ...), and this model has none")
     if cfg.num_layers is None:
         cfg.num_layers = model_num_layers(paths[ref], inputs[ref].by_name)
     if max_shard_bytes == 0:  # mergekit's "no limit"
         max_shard_bytes = sum(p.nbytes for p in planned) + 1
     density, merged, copied = {}, 0, 0
     total = sum(p.nbytes for p in planned)
-    sources = paths + ([cfg.config_path] if cfg.config_path else [])
+    sources = [r.path for r in refs] + [r.lora for r in refs if r.lora] + ([cfg.config_path] if cfg.config_path else [])
     with OutputFolder(out, fmt="merge", inputs=sources, force=force, fsync=fsync) as dest:
         writer = dest.writer(planned, max_shard_bytes, metadata={"ferrox_method": cfg.method.name})
         bar = tqdm(total=total, desc=f"ferrox merge ({cfg.method.name})", unit="B", unit_scale=True,
@@ -512,22 +619,27 @@ def merge_checkpoints(cfg: MergeConfig, out: str, *, force: bool = False, max_sh
             for p in _merge_order(cfg, planned, lambda q: q.name):
                 entries = [i.entry(p.name) for i in inputs]
                 if entries[ref].dtype not in dtypes.KERNEL_FLOATS:
-                    writer.copy(p.name, entries[ref])  # integer buffers: the reference model's, bit for bit
+                    _copy_integer(writer, p, inputs[ref], entries[ref])  # the reference model's, bit for bit
                     copied += 1
                 else:
+                    in_memory = (vocab is not None and is_vocab_tensor(p.name)) or any(
+                        i.adapted(e) for i, e in zip(inputs, entries))
                     if not cfg.method.in_core:
                         changed = _merge_torch(cfg, p, inputs, entries, writer, allow_nonfinite, paths, gpu,
-                                               generator)
-                    elif gpu is not None:
-                        changed = _merge_on_device(cfg, p, inputs, entries, writer, allow_nonfinite, paths, gpu)
+                                               generator, vocab)
+                    elif gpu is not None or in_memory:
+                        changed = _merge_on_device(cfg, p, inputs, entries, writer, allow_nonfinite, paths, gpu,
+                                                   vocab)
                     else:
                         changed = _merge_one(cfg, p, entries, writer, allow_nonfinite, chunk_bytes, paths)
                     density[p.name] = changed / max(1, dtypes.numel(p.shape))
                     merged += 1
                 bar.update(p.nbytes)
-        dest.copy_side_files(cfg.base or cfg.models[0].path)  # mergekit's donor: base_model, else the first model
-        if cfg.out_dtype or cfg.dtype:
-            _rewrite_config_dtype(dest, cfg.out_dtype or cfg.dtype)
+        donor = cfg.base or cfg.models[0].path  # mergekit's donor: base_model, else the first model
+        dest.copy_side_files(donor)
+        _write_tokenizer(cfg, dest, vocab, donor, [r.path for r in refs])
+        if cfg.out_dtype or cfg.dtype or vocab is not None:
+            _rewrite_config(dest, cfg.out_dtype or cfg.dtype, None, vocab.plan.rows if vocab else None)
         dest.write_text("ferrox_config.yml", yaml.safe_dump(cfg.resolved(), sort_keys=False))
         dest.model_card(f"Merged with ferrox ({cfg.method.name})", _model_card(cfg, total))
         dest.write_report({"method": cfg.method.name, "tensors_merged": merged, "tensors_copied": copied,

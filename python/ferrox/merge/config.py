@@ -21,12 +21,14 @@ from .methods import MergeMethod, get_method
 from .methods.base import F32_MAX  # noqa: F401 (re-exported)
 from .methods.base import _kind, check_choice, check_flag, check_integer, check_number
 from .settings import Setting, layer_index, layer_t, parse_setting
+from .tokenizer import Ref, TokenizerSpec, check_chat_template, parse_tokenizer
 
-TOP_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "name"}
+TOP_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "name",
+            "tokenizer_source", "tokenizer", "chat_template"}
 SLICE_KEYS = {"sources", "parameters"}
 REFUSED_SLICE_KEYS = {"base_model", "residual_weight"}
 SOURCE_KEYS = {"model", "layer_range", "parameters"}
-REFUSED_TOP = {"tokenizer_source", "tokenizer", "chat_template", "modules", "architecture"}
+REFUSED_TOP = {"modules", "architecture"}
 MODEL_KEYS = {"model", "parameters"}
 REFUSED_PARAMS: set = set()
 #: ferrox's names for mergekit's (read where the method has the mergekit name)
@@ -48,6 +50,12 @@ class ModelEntry:
     settings: Tuple[Dict[str, Setting], ...] = ()
     #: where in the config it was listed ("models[1]")
     where: str = ""
+    #: a PEFT LoRA adapter folder applied to the model while streaming (mergekit's ``model+lora``)
+    lora: Optional[str] = None
+
+    @property
+    def ref(self) -> Ref:
+        return Ref(self.path, self.lora)
 
 
 @dataclass
@@ -103,6 +111,16 @@ class MergeConfig:
     slices: Optional[List[SliceEntry]] = None
     #: the global settings of per-model parameters (slices' last scope)
     model_settings: Dict[str, Setting] = field(default_factory=dict)
+    #: the LoRA adapter of ``base_model`` (``base_model: model+lora``)
+    base_lora: Optional[str] = None
+    #: ``tokenizer_source`` / the ``tokenizer:`` block (None: the donor's tokenizer copied)
+    tokenizer: Optional[TokenizerSpec] = None
+    #: ``chat_template`` as given (a name, ``auto`` or Jinja text)
+    chat_template: Optional[str] = None
+
+    @property
+    def base_ref(self) -> Optional[Ref]:
+        return Ref(self.base, self.base_lora) if self.base else None
 
     # Generalized task arithmetic's global parameters, by their old names.
     normalize = property(lambda self: self.params.get("normalize", False))
@@ -226,8 +244,8 @@ class MergeConfig:
         if self.slices is not None:
             return {
                 "merge_method": self.method.name,
-                "base_model": self.base,
-                "slices": [{"sources": [{"model": self.models[s.model].path, "layer_range": [s.start, s.end],
+                "base_model": str(self.base_ref) if self.base else None,
+                "slices": [{"sources": [{"model": str(self.models[s.model].ref), "layer_range": [s.start, s.end],
                                          "parameters": {k: v.raw() for k, v in s.settings.items()}}
                                         for s in sl.sources],
                             "parameters": {k: v.raw() for k, v in sl.settings.items()}} for sl in self.slices],
@@ -235,14 +253,21 @@ class MergeConfig:
                 "dtype": self.dtype,
                 "out_dtype": self.out_dtype,
             }
-        return {
+        return self._with_tokenizer({
             "merge_method": self.method.name,
-            "base_model": self.base,
-            "models": [{"model": m.path, "parameters": dict(m.params)} for m in self.models],
+            "base_model": str(self.base_ref) if self.base else None,
+            "models": [{"model": str(m.ref), "parameters": dict(m.params)} for m in self.models],
             "parameters": dict(self.params),
             "dtype": self.dtype,
             "out_dtype": self.out_dtype,
-        }
+        })
+
+    def _with_tokenizer(self, out: dict) -> dict:
+        if self.tokenizer is not None:
+            out["tokenizer"] = self.tokenizer.raw()
+        if self.chat_template is not None:
+            out["chat_template"] = self.chat_template
+        return out
 
 
 def _config_error(fn, *args):
@@ -303,6 +328,49 @@ def _local_path(where: str, path, config_dir: Optional[str]) -> str:
     return os.path.realpath(full)
 
 
+def _model_ref(where: str, value, config_dir: Optional[str]) -> Ref:
+    """A model reference: a local model, or mergekit's ``model+lora`` (a PEFT
+    LoRA adapter folder applied to it). An existing path with a '+' in its
+    name is taken as a model (mergekit would split it)."""
+    if not isinstance(value, str) or not value or "\0" in value:
+        raise ConfigError(f"{where}: expected a local path, got {value!r}")
+    full = value if os.path.isabs(value) else os.path.join(config_dir or os.getcwd(), value)
+    if "+" not in value or os.path.exists(full):
+        return Ref(_local_path(where, value, config_dir))
+    chunks = value.split("+")
+    if len(chunks) != 2 or not all(chunks):
+        raise ConfigError(f"{where}: {value!r} is neither a path nor MODEL+LORA (mergekit's syntax: one '+' "
+                          f"between the model and the LoRA adapter folder)")
+    model = _local_path(where, chunks[0], config_dir)
+    lora = chunks[1]
+    lora_full = lora if os.path.isabs(lora) else os.path.join(config_dir or os.getcwd(), lora)
+    if not os.path.isdir(lora_full):
+        raise ConfigError(f"{where}: no such LoRA adapter folder: {lora_full} (in {value!r})")
+    if not os.path.isfile(os.path.join(lora_full, "adapter_config.json")):
+        raise ConfigError(f"{where}: {lora_full} has no adapter_config.json; the part after '+' must be a PEFT "
+                          f"LoRA adapter folder (in {value!r})")
+    return Ref(model, os.path.realpath(lora_full))
+
+
+def _tokenizer_keys(raw: dict, config_dir: Optional[str]):
+    """(tokenizer spec, chat template) of a config, checked."""
+    spec = _config_error(parse_tokenizer, raw, lambda where, v: _model_ref(where, v, config_dir))
+    template = raw.get("chat_template")
+    if template is not None:
+        template = _config_error(check_chat_template, template)
+    return spec, template
+
+
+def _check_token_models(spec: Optional[TokenizerSpec], refs: List[Ref]) -> None:
+    """mergekit needs a token's source model among the inputs (its vocabulary tensors come from them)."""
+    if spec is None:
+        return
+    for tok, t in spec.tokens.items():
+        if t.source.model is not None and not any(t.source.model.same(r) for r in refs):
+            raise ConfigError(f"tokenizer.tokens[{tok!r}].source: {t.source.model} is not one of the merge's "
+                              f"models; a token's row must come from an input")
+
+
 def parse_config(raw: dict, config_dir: Optional[str] = None) -> MergeConfig:
     """A checked ``MergeConfig``. Relative model paths are resolved from
     ``config_dir``, by default the current directory (as mergekit does; not
@@ -335,9 +403,15 @@ def parse_config(raw: dict, config_dir: Optional[str] = None) -> MergeConfig:
     base = raw.get("base_model")
     if method.needs_base and not base:
         raise ConfigError(f"config: merge_method {method.name!r} needs base_model")
-    base = _local_path("base_model", base, config_dir) if base else None
+    base_ref = _model_ref("base_model", base, config_dir) if base else None
+    tokenizer, chat_template = _tokenizer_keys(raw, config_dir)
     if "slices" in raw:
-        return _parse_sliced(raw, method, glob, base, dtype, out_dtype, config_dir)
+        if tokenizer is not None:
+            raise ConfigError("config: tokenizer_source/tokenizer with slices is not supported by ferrox yet "
+                              "(list whole models under models, or merge the tokenizer separately)")
+        cfg = _parse_sliced(raw, method, glob, base_ref, dtype, out_dtype, config_dir)
+        cfg.chat_template = chat_template
+        return cfg
     entries = raw.get("models")
     if not isinstance(entries, list) or not entries:
         raise ConfigError("config: models must be a non-empty list")
@@ -349,30 +423,31 @@ def parse_config(raw: dict, config_dir: Optional[str] = None) -> MergeConfig:
         for key in e:
             if key not in MODEL_KEYS:
                 raise ConfigError(f"{where}: key {key!r} is not supported by ferrox yet")
-        path = _local_path(f"{where}.model", e["model"], config_dir)
+        path = _model_ref(f"{where}.model", e["model"], config_dir)
         for j, (_, other, _) in enumerate(raw_models):
-            if os.path.samefile(path, other):
+            if path.same(other):
                 raise ConfigError(f"{where}.model: {e['model']!r} is the same model as models[{j}] "
                                   f"({other}); mergekit refuses duplicate merge inputs, list each model once")
         raw_models.append((where, path, e.get("parameters")))
     policy = method.base_policy
-    base_listed = base is not None and any(os.path.samefile(p, base) for _, p, _ in raw_models)
-    if base and policy != "origin" and not base_listed:
+    base_listed = base_ref is not None and any(p.same(base_ref) for _, p, _ in raw_models)
+    if base_ref and policy != "origin" and not base_listed:
         # mergekit adds an unlisted base_model to the inputs, last, with the global parameters.
-        raw_models.append(("base_model", base, None))
+        raw_models.append(("base_model", base_ref, None))
     per_model = [p for p in method.params if p.per_model]
     glob_model = {k: v for k, v in glob.items() if method.param(k).per_model}
     models = []
-    for where, path, model_params in raw_models:
+    for where, ref, model_params in raw_models:
         given = _params(where, model_params, method)
-        is_base = base is not None and os.path.samefile(path, base)
+        path = ref.path
+        is_base = base_ref is not None and ref.same(base_ref)
         if is_base and policy == "origin":
             continue  # mergekit lets the base appear among the models; it carries no delta
         if is_base and policy in ("required", "optional"):
             if given:
                 raise ConfigError(f"{where}: parameter {sorted(given)[0]!r} does not apply to the base model of "
                                   f"{method.name} (mergekit reads per-model parameters of the other models only)")
-            models.append(ModelEntry(path, {}, is_base=True))
+            models.append(ModelEntry(path, {}, is_base=True, lora=ref.lora))
             continue
         for key in given:
             if not method.param(key).per_model:
@@ -392,7 +467,7 @@ def parse_config(raw: dict, config_dir: Optional[str] = None) -> MergeConfig:
             s = next((sc[p.name] for sc in chain if p.name in sc), None)
             if s is not None:
                 params[p.name] = s.value if s.constant else s.raw()
-        models.append(ModelEntry(path, params, settings=chain, where=where))
+        models.append(ModelEntry(path, params, settings=chain, where=where, lora=ref.lora))
     if not any(not m.is_base for m in models):
         raise ConfigError("config: no models besides the base model")
     _config_error(method.check_inputs, len(models), any(m.is_base for m in models))
@@ -412,9 +487,11 @@ def parse_config(raw: dict, config_dir: Optional[str] = None) -> MergeConfig:
     if not varying:
         defaults = [{p.name: m.params.get(p.name, p.default) for p in per_model} for m in models if not m.is_base]
         _config_error(method.check_params, shared, defaults)
-    return MergeConfig(method=method, base=base, models=models, params=shared,
+    _check_token_models(tokenizer, [m.ref for m in models] + ([base_ref] if base_ref else []))
+    return MergeConfig(method=method, base=base_ref.path if base_ref else None, models=models, params=shared,
                        dtype=dtype, out_dtype=out_dtype, source=raw, shared_settings=shared_settings,
-                       varying=varying)
+                       varying=varying, base_lora=base_ref.lora if base_ref else None, tokenizer=tokenizer,
+                       chat_template=chat_template)
 
 
 def model_num_layers(path: str, names=None) -> Optional[int]:
@@ -461,7 +538,7 @@ def _parse_sliced(raw, method, glob, base, dtype, out_dtype, config_dir) -> "Mer
     entries = raw["slices"]
     if not isinstance(entries, list) or not entries:
         raise ConfigError("slices: expected a non-empty list of slices (each with sources)")
-    paths: List[str] = []
+    paths: List[Ref] = []
     layers: Dict[str, Optional[int]] = {}
     slices = []
     for i, e in enumerate(entries):
@@ -484,18 +561,19 @@ def _parse_sliced(raw, method, glob, base, dtype, out_dtype, config_dir) -> "Mer
             for key in src:
                 if key not in SOURCE_KEYS:
                     raise ConfigError(f"{at}: unknown key {key!r} (known: {sorted(SOURCE_KEYS)})")
-            path = _local_path(f"{at}.model", src["model"], config_dir)
-            idx = next((k for k, q in enumerate(paths) if os.path.samefile(q, path)), None)
+            ref = _model_ref(f"{at}.model", src["model"], config_dir)
+            path = ref.path
+            idx = next((k for k, q in enumerate(paths) if q.same(ref)), None)
             if idx is None:
                 idx = len(paths)
-                paths.append(path)
+                paths.append(ref)
                 layers[path] = model_num_layers(path)
             if any(s.model == idx for s in sources):
                 raise ConfigError(f"{at}.model: {src['model']!r} is already a source of {where}; mergekit refuses "
                                   f"duplicate merge inputs")
-            start, end = _layer_range(at, src["layer_range"], layers[paths[idx]])
+            start, end = _layer_range(at, src["layer_range"], layers[paths[idx].path])
             is_base = (base is not None and method.base_policy in ("required", "optional")
-                       and os.path.samefile(path, base))
+                       and ref.same(base))
             given = _params(at, src.get("parameters"), method)
             for key in given:
                 if not method.param(key).per_model:
@@ -530,9 +608,10 @@ def _parse_sliced(raw, method, glob, base, dtype, out_dtype, config_dir) -> "Mer
             raise ConfigError(f"parameters: parameter {p.name!r} is required for {method.name}")
         else:
             shared[p.name] = p.default
-    models = [ModelEntry(p, {}, is_base=base is not None and os.path.samefile(p, base), where="slices")
+    models = [ModelEntry(p.path, {}, is_base=base is not None and p.same(base), where="slices", lora=p.lora)
               for p in paths]
-    return MergeConfig(method=method, base=base, models=models, params=shared, dtype=dtype, out_dtype=out_dtype,
+    return MergeConfig(method=method, base=base.path if base else None, base_lora=base.lora if base else None,
+                       models=models, params=shared, dtype=dtype, out_dtype=out_dtype,
                        source=raw, shared_settings=shared_settings, varying=True, slices=slices,
                        model_settings={k: v for k, v in glob.items() if method.param(k).per_model})
 
