@@ -93,12 +93,12 @@ class _Inputs:
             y = self.reader.read(job[1])
             return y.to(x.dtype) if y.is_floating_point() else y
         if job[0] == "lora":
-            # PEFT's merge_and_unload (what mergekit runs): the update (B·A)·scale in
-            # f32, rounded to the weight's dtype, then added in that dtype.
+            # What mergekit's PEFT merge_and_unload gives (checked against it in
+            # bf16): W + (B·A)·scale in f32, rounded once to the weight's dtype.
             _, a, b, scale, transposed = job
             upd = self.reader.read(b).float() @ self.reader.read(a).float()
             upd = (upd.mT if transposed else upd) * scale
-            return x + upd.to(x.dtype)
+            return (x.float() + upd).to(x.dtype)
         # a LoRA bias: bias + B.bias·scale, rounded once
         return (x.float() + self.reader.read(job[1]).float() * job[2]).to(x.dtype)
 
