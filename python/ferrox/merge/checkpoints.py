@@ -93,11 +93,15 @@ class _Inputs:
             y = self.reader.read(job[1])
             return y.to(x.dtype) if y.is_floating_point() else y
         if job[0] == "lora":
-            # What mergekit's PEFT merge_and_unload gives (checked against it in
-            # bf16): W + (B·A)·scale in f32, rounded once to the weight's dtype.
+            # PEFT's merge_and_unload, which mergekit runs (its adapters upcast to
+            # f32): a Linear adds the f32 update (B·A)·scale in place, rounding
+            # once to the weight's dtype; an Embedding rounds the update to the
+            # weight's dtype first, then adds (two roundings; checked in bf16).
             _, a, b, scale, transposed = job
             upd = self.reader.read(b).float() @ self.reader.read(a).float()
             upd = (upd.mT if transposed else upd) * scale
+            if "lora_embedding_" in a.name:
+                return x + upd.to(x.dtype)
             return (x.float() + upd).to(x.dtype)
         # a LoRA bias: bias + B.bias·scale, rounded once
         return (x.float() + self.reader.read(job[1]).float() * job[2]).to(x.dtype)
@@ -604,7 +608,7 @@ def merge_checkpoints(cfg: MergeConfig, out: str, *, force: bool = False, max_sh
         raise MergeError(f"{paths[ref]}: a tokenizer merge re-indexes the vocabulary tensors "
                          f"(embed_tokens, lm_head, ...), and this model has none")
     if cfg.num_layers is None:
-        cfg.num_layers = model_num_layers(paths[ref], inputs[ref].by_name)
+        cfg.num_layers = model_num_layers(refs[ref].path, inputs[ref].by_name)
     if max_shard_bytes == 0:  # mergekit's "no limit"
         max_shard_bytes = sum(p.nbytes for p in planned) + 1
     density, merged, copied = {}, 0, 0
