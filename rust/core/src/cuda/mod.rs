@@ -30,6 +30,8 @@ use crate::DType;
 
 #[cfg(test)]
 pub(crate) mod host_sim;
+#[cfg(test)]
+pub(crate) mod sim_lib;
 
 const COMMON: &str = include_str!("../../../../cuda/common.cu");
 
@@ -64,6 +66,8 @@ const SOURCES: &[Source] = &[
     },
     // BitDelta's 1-bit matmul, launched by crate::delta::cuda.
     Source { name: "delta.cu", prelude: "", text: include_str!("../../../../cuda/delta.cu"), kernels: crate::delta::cuda::KERNELS },
+    // TRAK's implicit projection draws its signs with philox.cu's philox_block.
+    Source { name: "importance.cu", prelude: PHILOX_CU, text: include_str!("../../../../cuda/importance.cu"), kernels: crate::importance::cuda::KERNELS },
 ];
 
 /// Every kernel the sources define.

@@ -15,6 +15,8 @@
 //! batches that TRAK-style attribution (`ferrox.importance.trak`) sketches
 //! per-example gradients with.
 
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod mle;
 pub mod project;
 
