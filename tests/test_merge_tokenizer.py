@@ -340,12 +340,26 @@ def test_token_without_a_source_missing_somewhere_is_refused(zoo, tmp_path):
     assert not os.path.exists(tmp_path / "o")
 
 
-def test_slices_with_a_tokenizer_are_refused(zoo):
+@pytest.mark.parametrize("method", ["passthrough", "slerp"])
+def test_slices_with_a_union_tokenizer_bitwise_mergekit(zoo, tmp_path, method):
+    """Sliced merges re-index the first slice's embeddings and the last
+    slice's lm_head over that slice's sources (a token none of them has:
+    zeros, as mergekit)."""
     root, a, b, c = zoo
-    raw = {"merge_method": "passthrough", "tokenizer_source": "base",
-           "slices": [{"sources": [{"model": a, "layer_range": [0, 1]}]}]}
-    with pytest.raises(ConfigError, match="with slices is not supported"):
-        parse_config(raw)
+    if method == "passthrough":
+        # base_model names the tokenizer's base (without one mergekit takes a set's first model)
+        raw = {"merge_method": method, "base_model": a,
+               "slices": [{"sources": [{"model": b, "layer_range": [0, 1]}]},
+                          {"sources": [{"model": a, "layer_range": [0, 1]}]}]}
+    else:
+        raw = {"merge_method": method, "base_model": a, "parameters": {"t": [0.2, 0.7]},
+               "slices": [{"sources": [{"model": a, "layer_range": [0, 1]}, {"model": c, "layer_range": [0, 1]}]},
+                          {"sources": [{"model": c, "layer_range": [0, 1]}, {"model": a, "layer_range": [0, 1]}]}]}
+    raw.update(tokenizer={"source": "union", "pad_to_multiple_of": 4}, dtype="float32")
+    fx_merge(raw, tmp_path / "fx")
+    run_mergekit(raw, tmp_path / "mk")
+    assert_same_output(tmp_path / "fx", tmp_path / "mk")
+    assert config(tmp_path / "fx")["num_hidden_layers"] == 2
 
 
 def test_base_without_a_fast_tokenizer_is_refused(zoo, tmp_path):

@@ -431,11 +431,12 @@ class _SliceJob:
     t: float
 
 
-def _plan_sliced(cfg: MergeConfig, inputs: List[_Inputs]) -> List[_SliceJob]:
+def _plan_sliced(cfg: MergeConfig, inputs: List[_Inputs], vocab_rows: Optional[int] = None) -> List[_SliceJob]:
     """mergekit's plan of a sliced merge: the pre-layer tensors from the
     first slice's sources, then each slice's layers at consecutive output
     indices (t = offset / (length - 1) within the slice, 1 for a one-layer
-    slice), then the post-layer tensors from the last slice's sources (t = 0)."""
+    slice), then the post-layer tensors from the last slice's sources (t = 0).
+    ``vocab_rows``: a tokenizer merge's row count of the vocabulary tensors."""
     first, last = cfg.slices[0], cfg.slices[-1]
     out_dtype_name = cfg.out_dtype or cfg.dtype
     jobs = []
@@ -449,9 +450,11 @@ def _plan_sliced(cfg: MergeConfig, inputs: List[_Inputs]) -> List[_SliceJob]:
                 raise MergeError(f"{inp.path}: tensor {name!r} is missing ({sl.where} reads it for {out_name!r})")
             entries.append(e)
         ref = entries[0]
+        vocab = vocab_rows is not None and is_vocab_tensor(out_name) and ref.dtype in dtypes.KERNEL_FLOATS
         for src, e in zip(sl.sources[1:], entries[1:]):
             mixed = e.dtype in dtypes.KERNEL_FLOATS and ref.dtype in dtypes.KERNEL_FLOATS
-            if e.shape != ref.shape or (e.dtype != ref.dtype and not mixed):
+            same_shape = e.shape[1:] == ref.shape[1:] if vocab else e.shape == ref.shape
+            if not same_shape or (e.dtype != ref.dtype and not mixed):
                 raise MergeError(f"{inputs[src.model].path}: tensor {e.name!r} is {e.dtype} {list(e.shape)}, but "
                                  f"{ref.dtype} {list(ref.shape)} in {inputs[sl.sources[0].model].path}")
         if any(e.dtype == "F64" for e in entries):
@@ -459,7 +462,8 @@ def _plan_sliced(cfg: MergeConfig, inputs: List[_Inputs]) -> List[_SliceJob]:
         dtype = ref.dtype
         if dtype in dtypes.KERNEL_FLOATS and out_dtype_name:
             dtype = dtypes.from_config_name(out_dtype_name)
-        planned = PlannedTensor(out_name, dtype, ref.shape, dtypes.numel(ref.shape) * dtypes.itemsize(dtype))
+        shape = (vocab_rows, *ref.shape[1:]) if vocab else ref.shape
+        planned = PlannedTensor(out_name, dtype, shape, dtypes.numel(shape) * dtypes.itemsize(dtype))
         jobs.append(_SliceJob(planned, sl, [(src.model, n) for src, n in zip(sl.sources, names)], t))
 
     def outside(sl, pre):
@@ -494,7 +498,11 @@ def _merge_sliced(cfg: MergeConfig, out: str, *, force, max_shard_bytes, allow_n
     start = time.perf_counter()
     inputs = [_Inputs(m.path, m.lora) for m in cfg.models]
     paths = [i.path for i in inputs]
-    jobs = _plan_sliced(cfg, inputs)
+    vocab = _vocab(cfg, [m.ref for m in cfg.models])
+    jobs = _plan_sliced(cfg, inputs, vocab.plan.rows if vocab else None)
+    if vocab is not None and not any(is_vocab_tensor(j.planned.name) for j in jobs):
+        raise MergeError(f"{paths[0]}: a tokenizer merge re-indexes the vocabulary tensors "
+                         f"(embed_tokens, lm_head, ...), and this model has none")
     planned = [j.planned for j in jobs]
     total = sum(p.nbytes for p in planned)
     if max_shard_bytes == 0:
@@ -521,7 +529,8 @@ def _merge_sliced(cfg: MergeConfig, out: str, *, force, max_shard_bytes, allow_n
                     bar.update(p.nbytes)
                     continue
                 shared, per_model = cfg.slice_params(job.sl, p.name, [n for _, n in job.sources], job.t)
-                if (cfg.method.name == "passthrough" and per_model[0].get("scale") is None
+                vocab_job = vocab is not None and is_vocab_tensor(p.name)
+                if (cfg.method.name == "passthrough" and per_model[0].get("scale") is None and not vocab_job
                         and entries[0].dtype == p.dtype and not inputs[job.sources[0][0]].adapted(entries[0])):
                     writer.copy(p.name, entries[0])  # a plain copy: the input's bits
                     density[p.name] = 0.0
@@ -529,8 +538,16 @@ def _merge_sliced(cfg: MergeConfig, out: str, *, force, max_shard_bytes, allow_n
                     compute = dtypes.to_torch(_compute_dtype(cfg, entries))
                     tensors = []
                     for (i, _), e in zip(job.sources, entries):
-                        x = inputs[i].load(e).to(compute)
-                        tensors.append(x if gpu is None else x.to(gpu))
+                        tensors.append(inputs[i].load(e).to(compute))
+                    if vocab_job:
+                        at = [i for i, _ in job.sources]
+                        base_at = at.index(vocab.base) if vocab.base in at else None
+                        try:
+                            tensors = align_rows(vocab.plan, p.name, tensors, at, base_at, vocab.refs)
+                        except ValueError as e:
+                            raise MergeError(f"tensor {p.name!r}: {e} (inputs: {', '.join(job_paths)})") from None
+                    if gpu is not None:
+                        tensors = [x.to(gpu) for x in tensors]
                     with _naming_tensor(cfg, p, job_paths, allow_nonfinite):
                         if not allow_nonfinite:
                             _check_finite(tensors, job_paths)
@@ -543,8 +560,8 @@ def _merge_sliced(cfg: MergeConfig, out: str, *, force, max_shard_bytes, allow_n
                 merged += 1
                 bar.update(p.nbytes)
         dest.copy_side_files(donor)
-        _write_tokenizer(cfg, dest, None, donor, [m.path for m in cfg.models])
-        _rewrite_config(dest, cfg.out_dtype or cfg.dtype, n_layers)
+        _write_tokenizer(cfg, dest, vocab, donor, [m.path for m in cfg.models])
+        _rewrite_config(dest, cfg.out_dtype or cfg.dtype, n_layers, vocab.plan.rows if vocab else None)
         dest.write_text("ferrox_config.yml", yaml.safe_dump(cfg.resolved(), sort_keys=False))
         lines = [f"Method: `{cfg.method.name}` ({cfg.method.reference}) over {len(cfg.slices)} slices, "
                  f"{n_layers} layers out.", "", "Slices:"]

@@ -242,7 +242,7 @@ class MergeConfig:
     def resolved(self) -> dict:
         """The config with every default filled in (written as provenance)."""
         if self.slices is not None:
-            return {
+            return self._with_tokenizer({
                 "merge_method": self.method.name,
                 "base_model": str(self.base_ref) if self.base else None,
                 "slices": [{"sources": [{"model": str(self.models[s.model].ref), "layer_range": [s.start, s.end],
@@ -252,7 +252,7 @@ class MergeConfig:
                 "parameters": dict(self.params),
                 "dtype": self.dtype,
                 "out_dtype": self.out_dtype,
-            }
+            })
         return self._with_tokenizer({
             "merge_method": self.method.name,
             "base_model": str(self.base_ref) if self.base else None,
@@ -406,11 +406,9 @@ def parse_config(raw: dict, config_dir: Optional[str] = None) -> MergeConfig:
     base_ref = _model_ref("base_model", base, config_dir) if base else None
     tokenizer, chat_template = _tokenizer_keys(raw, config_dir)
     if "slices" in raw:
-        if tokenizer is not None:
-            raise ConfigError("config: tokenizer_source/tokenizer with slices is not supported by ferrox yet "
-                              "(list whole models under models, or merge the tokenizer separately)")
         cfg = _parse_sliced(raw, method, glob, base_ref, dtype, out_dtype, config_dir)
-        cfg.chat_template = chat_template
+        _check_token_models(tokenizer, [m.ref for m in cfg.models])
+        cfg.tokenizer, cfg.chat_template = tokenizer, chat_template
         return cfg
     entries = raw.get("models")
     if not isinstance(entries, list) or not entries:
