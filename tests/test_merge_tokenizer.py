@@ -375,3 +375,59 @@ def test_base_without_a_fast_tokenizer_is_refused(zoo, tmp_path):
     os.remove(os.path.join(slow, "tokenizer.model"))
     with pytest.raises(MergeError, match="has no tokenizer.json; a tokenizer merge needs the base model's"):
         fx_merge(raw, tmp_path / "o")
+
+
+def test_chat_template_auto_takes_the_models_most_common(zoo, tmp_path):
+    """``auto``: the template most input tokenizers carry, as mergekit picks it."""
+    root, a, b, c = zoo
+    t1 = "{% for m in messages %}[{{ m['content'] }}]{% endfor %}"
+    t2 = "{% for m in messages %}<{{ m['content'] }}>{% endfor %}"
+    folders = []
+    for i, t in enumerate((t1, t2, t2)):
+        ft = str(synthetic.fine_tune(a, tmp_path / f"ft{i}", seed=10 + i))
+        with open(os.path.join(ft, "tokenizer_config.json")) as f:
+            cfg = json.load(f)
+        cfg["chat_template"] = t
+        with open(os.path.join(ft, "tokenizer_config.json"), "w") as f:
+            json.dump(cfg, f)
+        folders.append(ft)
+    raw = {"merge_method": "linear", "chat_template": "auto",
+           "models": [{"model": m, "parameters": {"weight": 1.0}} for m in folders]}
+    fx_merge(raw, tmp_path / "fx")
+    run_mergekit(raw, tmp_path / "mk", copy_tokenizer=True)
+    for folder in ("fx", "mk"):
+        with open(tmp_path / folder / "chat_template.jinja") as f:
+            assert f.read() == t2, folder
+
+
+def test_padded_embeddings_and_the_cli(zoo, tmp_path):
+    """A model whose embeddings have more rows than its tokenizer has tokens
+    (config vocab_size 12 for 7 tokens), merged through ``ferrox merge``."""
+    from ferrox.cli import main
+
+    root, a, b, c = zoo
+    d = str(tmp_path / "d")
+    synthetic.make_llama(d, hidden=HIDDEN, layers=1, vocab=12, dtype=torch.float32, seed=7)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        with open(os.path.join(c, name)) as src, open(os.path.join(d, name), "w") as dst:
+            dst.write(src.read())
+    raw = {"merge_method": "linear", "base_model": a, "tokenizer_source": "union", "dtype": "float32",
+           "models": [{"model": a, "parameters": {"weight": 0.25}}, {"model": d, "parameters": {"weight": 0.75}}]}
+    (tmp_path / "m.yml").write_text(yaml.safe_dump(raw))
+    assert main(["merge", str(tmp_path / "m.yml"), str(tmp_path / "fx"), "--no-progress"]) == 0
+    run_mergekit(raw, tmp_path / "mk")
+    assert_same_output(tmp_path / "fx", tmp_path / "mk", dense=(a, d), spec=parse_config(raw).tokenizer)
+    assert config(tmp_path / "fx")["vocab_size"] == 8
+
+
+@pytest.mark.gpu
+def test_tokenizer_merge_on_cuda_is_the_cpu_merge(zoo, tmp_path):
+    root, a, b, c = zoo
+    raw = {"merge_method": "ties", "base_model": a, "tokenizer": {"source": "union", "pad_to_multiple_of": 8},
+           "models": [{"model": m, "parameters": {"weight": 0.6, "density": 0.5}} for m in (b, c)]}
+    merge_checkpoints(parse_config(raw), str(tmp_path / "cpu"), progress=False)
+    merge_checkpoints(parse_config(raw), str(tmp_path / "gpu"), progress=False, device="cuda")
+    x, y = tensors(tmp_path / "cpu"), tensors(tmp_path / "gpu")
+    assert vocab(tmp_path / "cpu") == vocab(tmp_path / "gpu")
+    for name in x:
+        assert torch.equal(x[name], y[name]), name

@@ -445,15 +445,20 @@ def align_rows(plan: VocabPlan, name: str, tensors: List["torch.Tensor"], inputs
         default[tok] = row
     out = []
     n = len(plan.vocab)
+    forced = torch.zeros(n, dtype=torch.bool)
+    for tok, cfg in configs.items():
+        if cfg.force and tok in plan.vocab:
+            forced[plan.vocab[tok]] = True
     for t, p in zip(tensors, perms):
         new = torch.zeros((plan.rows, *shape), dtype=dtype)
         t = t.to(dtype)
-        for tok, tid in plan.vocab.items():
-            cfg = configs.get(tok)
-            if p[tid] >= 0 and not (cfg is not None and cfg.force):
-                new[tid] = t[p[tid]]
-            elif tok in default:
-                new[tid] = default[tok]
+        idx = torch.tensor(p, dtype=torch.long)
+        own = (idx >= 0) & ~forced
+        new[:n][own] = t[idx[own]]  # the input's own rows, gathered at once
+        for tok, row in default.items():
+            tid = plan.vocab[tok]
+            if not bool(own[tid]):
+                new[tid] = row
         if plan.rows > n:
             new[n:] = torch.mean(new[:n], dim=0)  # vocabulary padding: the mean row, as mergekit
         out.append(new)
