@@ -331,6 +331,10 @@ def report(name, mod, rows, proc_rows, startup, args):
         for r in proc_rows:
             lines.append(f"| {r['case']} | {r['side']} | {r['median_s']:.3f} | {r['min_s']:.3f} | {r['max_s']:.3f} | "
                          f"{_speedup(r)} | {r['peak_mb']:.0f} |")
+    # CASE_NOTES: case -> where the sides do not do the same work.
+    notes = {c: n for c, n in getattr(mod, "CASE_NOTES", {}).items() if any(r["case"] == c for r in rows + proc_rows)}
+    if notes:
+        lines += ["", "### not the same work", ""] + [f"- **{c}**: {n}" for c, n in notes.items()]
     if startup:
         lines += ["", "### start-up alone", "",
                   "| command | median s | min s | max s | peak MB | imports torch |", "|---|---:|---:|---:|---:|---|"]
