@@ -23,16 +23,16 @@ Several checkpoints (``load_checkpoint(..., model_id=m)``) give an ensemble:
 averages the kernel and the Q weights separately; the mean of products is
 what is implemented here).
 
-The projection (in the Rust core, on the CPU) is ``P = G·Rᵀ/√p`` with a
+The projection (in the Rust core on the CPU, ``cuda/importance.cu`` on a
+GPU) is ``P = G·Rᵀ/√p`` with a
 Rademacher ``R`` that is a fixed function of (seed, i, j) and is generated
 on the fly, never stored: ``R[i, j] = -1`` iff bit ``j % 32`` of Philox
 element ``j // 32`` of stream (seed, i) is set (``ferrox._core.philox_bits``
 with ``stream=i`` gives those words). The f32 sums run in one fixed order
 (columns in groups of 4, each group summed from 0, the groups added in
 ascending order; see ``rust/core/src/importance/project.rs``), so the result
-has the same bits for any thread count.
-
-Not yet: a CUDA projection kernel (CUDA tensors are projected on the CPU).
+has the same bits for any thread count, and the CUDA kernel follows the
+same order (bitwise the CPU's in the host simulation).
 """
 
 import os
@@ -47,10 +47,18 @@ __all__ = ["project", "TRAKer", "margin_output", "margin_out_to_loss", "module_s
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def project(grads, p, seed=0, out=None):
+def project(grads, p, seed=0, out=None, gram=None):
     """``grads`` [n, d] (or [d]) float32/float16/bfloat16 → float32 [n, p]
-    (or [p]) = ``grads·Rᵀ/√p``. A tensor on another device is projected on
-    the CPU and the result moved back (no GPU kernel yet)."""
+    (or [p]) = ``grads·Rᵀ/√p``, on the CPU or, for a CUDA tensor, on its
+    GPU (torch's current stream). Both run the same sums in the same order
+    over the same Philox signs, so a CUDA result has the CPU's bits; the GPU
+    tests hold it to 1e-5 relative (and the signs exactly). Tensors on
+    another device are projected on the CPU and the result moved back.
+
+    ``out``: a float32 [n, p] tensor on the projection's device to write
+    into. ``gram``: a [p, p] tensor on that device (float32 or float64) to
+    accumulate ``ΦᵀΦ`` into (``gram += outᵀ·out``, a torch GEMM in gram's
+    dtype), as TRAK's finalize needs."""
     if not isinstance(grads, torch.Tensor):
         raise TypeError(f"grads: expected a torch.Tensor, got {type(grads).__name__}")
     if grads.dtype not in _FLOATS:
@@ -66,16 +74,29 @@ def project(grads, p, seed=0, out=None):
     one = grads.dim() == 1
     g = grads.detach().reshape(1, -1) if one else grads.detach()
     dev = g.device
-    g = g.cpu().contiguous()
+    on_gpu = dev.type == "cuda"
+    g = g.contiguous() if on_gpu else g.cpu().contiguous()
+    run_dev = g.device
     if out is None:
-        res = torch.empty(g.shape[0], p, dtype=torch.float32)
+        res = torch.empty(g.shape[0], p, dtype=torch.float32, device=run_dev)
     else:
-        if not isinstance(out, torch.Tensor) or out.dtype != torch.float32 or out.device.type != "cpu":
-            raise ValueError("out: expected a float32 cpu tensor")
+        if not isinstance(out, torch.Tensor) or out.dtype != torch.float32 or out.device != run_dev:
+            raise ValueError(f"out: expected a float32 tensor on {run_dev}")
         if list(out.shape) != [g.shape[0], p]:
             raise ValueError(f"out: expected shape {[g.shape[0], p]}, got {list(out.shape)}")
         res = out
-    _core.importance_project(g, seed, p, res)
+    if gram is not None:
+        if (not isinstance(gram, torch.Tensor) or gram.dtype not in (torch.float32, torch.float64)
+                or gram.device != run_dev or list(gram.shape) != [p, p]):
+            raise ValueError(f"gram: expected a float32/float64 [{p}, {p}] tensor on {run_dev}")
+    if on_gpu:
+        with torch.cuda.device(run_dev):
+            stream = torch.cuda.current_stream(run_dev).cuda_stream
+            _core.importance_project(g, seed, p, res, stream=stream)
+    else:
+        _core.importance_project(g, seed, p, res)
+    if gram is not None:
+        gram.addmm_(res.T.to(gram.dtype), res.to(gram.dtype))
     if out is not None:
         return out
     res = res.to(dev)

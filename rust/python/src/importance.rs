@@ -223,24 +223,28 @@ pub fn mle_learn(
     })
 }
 
-/// Projects `grads` (torch, cpu, [n, d], float32/float16/bfloat16) into
-/// `out` (torch, cpu, float32 [n, p], contiguous): `out = grads·Rᵀ/√p` with
-/// the implicit Rademacher `R` of `ferrox_core::importance::project`.
+/// Projects `grads` (torch, [n, d], float32/float16/bfloat16) into `out`
+/// (torch, float32 [n, p], contiguous, on grads' device): `out = grads·Rᵀ/√p`
+/// with the implicit Rademacher `R` of `ferrox_core::importance::project`.
+/// CUDA tensors run on `stream` (torch's current stream), bitwise the CPU's.
 #[pyfunction]
-#[pyo3(signature = (grads, seed, p, out))]
+#[pyo3(signature = (grads, seed, p, out, stream=0))]
 pub fn importance_project(
     py: Python<'_>,
     grads: &Bound<'_, PyAny>,
     seed: u64,
     p: usize,
     out: &Bound<'_, PyAny>,
+    stream: u64,
 ) -> PyResult<()> {
+    use crate::tensor::Device;
     let g = crate::tensor::Tensor::input("grads", grads)?;
     let o = crate::tensor::Tensor::output("out", out)?;
     let checked = (|| {
-        g.expect_cpu()?;
-        o.expect_cpu()?;
         o.expect_dtype(&[ferrox_core::DType::F32])?;
+        if o.device != g.device {
+            return Err(Error::Device(format!("out: on {} but grads is on {}", o.device, g.device)));
+        }
         if g.shape.len() != 2 {
             return Err(Error::Shape(format!("grads: expected a 2-d tensor [n, d], got shape {:?}", g.shape)));
         }
@@ -255,10 +259,21 @@ pub fn importance_project(
     })();
     checked.map_err(to_py)?;
     let (n, d) = (g.shape[0], g.shape[1]);
-    // SAFETY: both on the CPU, dtypes checked (out here, grads by with_float), disjoint.
-    let os = unsafe { o.slice_mut::<f32>() };
-    crate::with_float!(g.dtype, "grads", T => {
-        let gs = unsafe { g.slice::<T>() };
-        compute(py, move || importance::project::project(gs, n, d, p, seed, os))
-    })
+    match g.device {
+        Device::Cpu => {
+            // SAFETY: both on the CPU, dtypes checked (out here, grads by with_float), disjoint.
+            let os = unsafe { o.slice_mut::<f32>() };
+            crate::with_float!(g.dtype, "grads", T => {
+                let gs = unsafe { g.slice::<T>() };
+                compute(py, move || importance::project::project(gs, n, d, p, seed, os))
+            })
+        }
+        Device::Cuda(ordinal) => {
+            let m = importance::cuda::DeviceProject { ordinal, stream, dtype: g.dtype, n, d, p, seed, grads: g.ptr, out: o.ptr };
+            // SAFETY: both contiguous on this device with the shapes in `m`,
+            // disjoint; queued on torch's stream, which orders it before any
+            // later use or free of the tensors.
+            compute(py, move || unsafe { importance::cuda::project(&m) })
+        }
+    }
 }
