@@ -68,6 +68,8 @@ const SOURCES: &[Source] = &[
     Source { name: "delta.cu", prelude: "", text: include_str!("../../../../cuda/delta.cu"), kernels: crate::delta::cuda::KERNELS },
     // TRAK's implicit projection draws its signs with philox.cu's philox_block.
     Source { name: "importance.cu", prelude: PHILOX_CU, text: include_str!("../../../../cuda/importance.cu"), kernels: crate::importance::cuda::KERNELS },
+    // Sophia / AdaHessian state updates, launched by crate::optim::hessian_cuda.
+    Source { name: "optim_hessian.cu", prelude: "", text: include_str!("../../../../cuda/optim_hessian.cu"), kernels: crate::optim::hessian_cuda::KERNELS },
 ];
 
 /// Every kernel the sources define.

@@ -4,3 +4,5 @@
 //! element's update depends only on that element.
 
 pub mod hessian;
+#[cfg(feature = "cuda")]
+pub mod hessian_cuda;
