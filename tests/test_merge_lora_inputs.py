@@ -213,3 +213,19 @@ def test_an_adapter_with_a_non_finite_factor_is_caught(f32, tmp_path):
     raw = {"merge_method": "linear", "models": [{"model": f"{other}+{bad}", "parameters": {"weight": 1.0}}]}
     with pytest.raises(MergeError, match="non-finite"):
         merge_checkpoints(parse_config(raw), str(tmp_path / "o"), progress=False)
+
+
+def test_gradient_over_layers_with_a_lora_input_bitwise_mergekit(f32, tmp_path):
+    """slerp with t a gradient over the layers (the layer count read from the
+    model folder of the model+lora input); the resolved config written beside
+    the weights parses back to the same inputs."""
+    base, other, ad = f32
+    raw = {"merge_method": "slerp", "base_model": f"{other}+{ad}", "parameters": {"t": [0.1, 0.9]},
+           "models": [{"model": f"{other}+{ad}"}, {"model": base}], "dtype": "float32"}
+    merge_checkpoints(parse_config(raw), str(tmp_path / "fx"), progress=False)
+    run_mergekit(raw, tmp_path / "mk", tmp_path / "cache")
+    assert_bitwise(tmp_path / "fx", tmp_path / "mk")
+    with open(tmp_path / "fx" / "ferrox_config.yml") as f:
+        again = parse_config(yaml.safe_load(f))
+    assert [(m.path, m.lora) for m in again.models] == [(other, ad), (base, None)]
+    assert (again.base, again.base_lora) == (other, ad)

@@ -431,3 +431,26 @@ def test_tokenizer_merge_on_cuda_is_the_cpu_merge(zoo, tmp_path):
     assert vocab(tmp_path / "cpu") == vocab(tmp_path / "gpu")
     for name in x:
         assert torch.equal(x[name], y[name]), name
+
+
+def test_union_with_a_lora_input_bitwise_mergekit(zoo, tmp_path):
+    """A model+lora input whose adapter changes the embeddings: the adapter
+    is applied first, then the rows are re-indexed (as mergekit, which merges
+    the adapter before anything else); the resolved config parses back."""
+    from ferrox.extract.lora import extract_lora
+
+    root, a, b, c = zoo
+    ft = str(synthetic.fine_tune(b, tmp_path / "ftb", seed=21, scale=0.2))
+    ad = str(tmp_path / "ad")
+    extract_lora(b, ft, 2, ad, select=["*proj*", "*embed_tokens*"], progress=False)
+    assert any("lora_embedding_A" in k for k in load_file(os.path.join(ad, "adapter_model.safetensors")))
+    raw = {"merge_method": "linear", "base_model": a, "dtype": "float32",
+           "tokenizer": {"source": "union", "tokens": {"<t>": {"source": {"kind": "model_token", "model": f"{b}+{ad}",
+                                                                   "token": "dog"}}}},
+           "models": [{"model": a, "parameters": {"weight": 0.5}}, {"model": f"{b}+{ad}", "parameters": {"weight": 0.5}}]}
+    fx_merge(raw, tmp_path / "fx")
+    run_mergekit(raw, tmp_path / "mk", lora_merge_cache=str(tmp_path / "cache"))
+    assert_same_output(tmp_path / "fx", tmp_path / "mk")
+    with open(tmp_path / "fx" / "ferrox_config.yml") as f:
+        again = parse_config(yaml.safe_load(f))
+    assert again.tokenizer == parse_config(raw).tokenizer
