@@ -143,8 +143,18 @@ def copy_of(model):
     return twin
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Thousands of tiny batched steps: one torch thread is fastest (and
+    does not fight other processes for the cores)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
-def task():
+def task(one_thread):
     torch.manual_seed(0)
     x, y = blobs(N, 0)
     forget = torch.arange(FORGET)
