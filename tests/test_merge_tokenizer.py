@@ -420,6 +420,46 @@ def test_padded_embeddings_and_the_cli(zoo, tmp_path):
     assert config(tmp_path / "fx")["vocab_size"] == 8
 
 
+def make_bpe(folder, text, extra=(), rows=None, seed=0):
+    """A BPE tokenizer trained on ``text``; ``extra`` added tokens get ids past
+    the embedding rows (``rows``, default: the trained vocabulary's size)."""
+    from tokenizers import trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=40, special_tokens=["<unk>", "<s>"],
+                                                      show_progress=False))
+    n = tok.get_vocab_size(with_added_tokens=True)
+    tok.add_tokens(list(extra))
+    synthetic.make_llama(folder, hidden=HIDDEN, layers=1, vocab=rows or n, dtype=torch.float32, seed=seed)
+    tok.save(os.path.join(folder, "tokenizer.json"))
+    return str(folder), n
+
+
+def test_base_tokens_past_vocab_size_are_stripped_as_mergekit(tmp_path):
+    """A base tokenizer with added tokens past its embedding rows: mergekit
+    strips them (BPE); the output vocabulary and rows are its, bit for bit."""
+    a, n = make_bpe(tmp_path / "a", ["the cat sat on the mat", "a cat and a hat"], extra=["<e1>", "<e2>"])
+    b, _ = make_bpe(tmp_path / "b", ["the dog ran to the log", "a dog"], seed=1)
+    raw = {"merge_method": "linear", "base_model": a, "tokenizer_source": "base", "dtype": "float32",
+           "models": [{"model": m, "parameters": {"weight": 0.5}} for m in (a, b)]}
+    fx_merge(raw, tmp_path / "fx")
+    run_mergekit(raw, tmp_path / "mk")
+    assert_same_output(tmp_path / "fx", tmp_path / "mk")
+    assert len(vocab(tmp_path / "fx")) == n and "<e1>" not in vocab(tmp_path / "fx")
+
+
+def test_a_base_that_cannot_be_stripped_is_refused(tmp_path):
+    """Stripping trained tokens leaves merges that make them (mergekit fails
+    there too); ferrox says which tokenizer and why."""
+    a, n = make_bpe(tmp_path / "a", ["the cat sat on the mat", "a cat and a hat"])
+    a, _ = make_bpe(tmp_path / "a", ["the cat sat on the mat", "a cat and a hat"], rows=n - 3)
+    raw = {"merge_method": "linear", "base_model": a, "tokenizer_source": "base",
+           "models": [{"model": a, "parameters": {"weight": 1.0}}]}
+    with pytest.raises(MergeError, match=f"its tokenizer stripped to vocab_size {n - 3} is not valid"):
+        fx_merge(raw, tmp_path / "o")
+
+
 @pytest.mark.gpu
 def test_tokenizer_merge_on_cuda_is_the_cpu_merge(zoo, tmp_path):
     root, a, b, c = zoo

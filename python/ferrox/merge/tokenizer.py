@@ -18,6 +18,10 @@ by mergekit's rule for a token some input lacks:
 - rows past the vocabulary (``pad_to_multiple_of``): per input, the mean of
   its re-indexed rows.
 
+The base tokenizer's tokens whose ids are past its model's ``vocab_size``
+are stripped first (BPE only, as mergekit); another model's such tokens
+count as absent from it.
+
 One deliberate difference: mergekit's union appends the tokens the base
 lacks in hash-map order (it varies between runs); ferrox appends them in
 model order, each model's by id, so the same config always gives the same
@@ -325,11 +329,11 @@ def build_vocab(spec: TokenizerSpec, refs: Sequence[Ref], base: int) -> VocabPla
         toks.append(tok)
         vocabs.append(vocab)
         sizes.append(size)
-    over = sorted((i, t) for t, i in vocabs[base].items() if i >= sizes[base])
-    if over:
-        raise ValueError(f"base model {refs[base].path}: its tokenizer has {len(over)} tokens with ids past the "
-                         f"model's vocab_size {sizes[base]} (first: {over[0][1]!r} = {over[0][0]}); mergekit strips "
-                         f"them (BPE only), ferrox does not: drop them from tokenizer.json")
+    if any(i >= sizes[base] for i in vocabs[base].values()):
+        base_tok = _stripped(base_tok, sizes[base], refs[base].path)
+        toks[base] = base_tok
+        vocabs = [base_tok.get_vocab(with_added_tokens=True) if t is None or i == base else v
+                  for i, (t, v) in enumerate(zip(toks, vocabs))]
     config_folder = refs[base].path
     if isinstance(spec.source, Ref):
         config_folder = spec.source.path
@@ -357,6 +361,32 @@ def build_vocab(spec: TokenizerSpec, refs: Sequence[Ref], base: int) -> VocabPla
         # a token whose id is past the model's embedding rows (tokenizer padding) has no row there
         perms.append([i if (i := v.get(tok, -1)) < size else -1 for tok, _ in by_id])
     return VocabPlan(out, vocab, rows, perms, vocabs, sizes, spec, config_folder)
+
+
+def _stripped(tok, size: int, path: str):
+    """mergekit's ``get_stripped_tokenizer``: the base tokenizer without the
+    tokens whose ids are past the model's embedding rows (and the BPE merges
+    of such tokens); only BPE tokenizers can be stripped."""
+    from tokenizers import Tokenizer
+
+    data = json.loads(tok.to_str())
+    kind = data.get("model", {}).get("type")
+    if kind != "BPE":
+        raise ValueError(f"base model {path}: its tokenizer has tokens with ids past vocab_size {size}; mergekit "
+                         f"strips them from BPE tokenizers only, and this one is {kind}")
+    unused = {t for t, i in tok.get_vocab(with_added_tokens=True).items() if i >= size}
+    data["added_tokens"] = [e for e in data.get("added_tokens", []) if e["id"] < size]
+    data["model"]["vocab"] = {t: i for t, i in data["model"]["vocab"].items() if t not in unused}
+
+    def keep(m):
+        parts = m.split(" ") if isinstance(m, str) else m
+        return not any(p in unused for p in parts)
+
+    data["model"]["merges"] = [m for m in data["model"].get("merges", []) if keep(m)]
+    try:
+        return Tokenizer.from_str(json.dumps(data))
+    except Exception as e:  # the tokenizers library raises its own Exception type
+        raise ValueError(f"base model {path}: its tokenizer stripped to vocab_size {size} is not valid ({e})") from None
 
 
 def _union(out, base_tok, toks, vocabs, sizes, base) -> None:
