@@ -343,10 +343,7 @@ def build_vocab(spec: TokenizerSpec, refs: Sequence[Ref], base: int) -> VocabPla
         if spec.source == "union":
             _union(out, base_tok, toks, vocabs, sizes, base)
     existing = set(out.get_vocab(with_added_tokens=True))
-    for tok in spec.tokens:
-        if tok not in existing:
-            out.add_tokens([tok])
-            existing.add(tok)
+    out.add_tokens([tok for tok in spec.tokens if tok not in existing])
     vocab = out.get_vocab(with_added_tokens=True)
     n = len(vocab)
     if sorted(vocab.values()) != list(range(n)):
@@ -407,11 +404,10 @@ def _union(out, base_tok, toks, vocabs, sizes, base) -> None:
             if idx < sizes[i] and info.content not in added:
                 added[info.content] = info
     base_vocab = vocabs[base]
-    for t in words:
-        if t not in added and t not in base_vocab:
-            out.add_tokens([t])
-    for info in added.values():
-        out.add_tokens([info])  # keeps the token's special/normalized settings, as transformers' add_tokens
+    # One call per group, not per token (each call rebuilds the added-token
+    # matcher: per token is quadratic); ids come out in list order either way.
+    out.add_tokens([t for t in words if t not in added and t not in base_vocab])
+    out.add_tokens(list(added.values()))  # keeps each token's special/normalized settings, as transformers
 
 
 def is_vocab_tensor(name: str) -> bool:
@@ -479,16 +475,18 @@ def align_rows(plan: VocabPlan, name: str, tensors: List["torch.Tensor"], inputs
     for tok, cfg in configs.items():
         if cfg.force and tok in plan.vocab:
             forced[plan.vocab[tok]] = True
+    if default:
+        default_ids = torch.tensor([plan.vocab[tok] for tok in default], dtype=torch.long)
+        default_rows = torch.stack([row.to(dtype) for row in default.values()])
     for t, p in zip(tensors, perms):
         new = torch.zeros((plan.rows, *shape), dtype=dtype)
         t = t.to(dtype)
         idx = torch.tensor(p, dtype=torch.long)
         own = (idx >= 0) & ~forced
         new[:n][own] = t[idx[own]]  # the input's own rows, gathered at once
-        for tok, row in default.items():
-            tid = plan.vocab[tok]
-            if not bool(own[tid]):
-                new[tid] = row
+        if default:
+            need = ~own[default_ids]
+            new[default_ids[need]] = default_rows[need]
         if plan.rows > n:
             new[n:] = torch.mean(new[:n], dim=0)  # vocabulary padding: the mean row, as mergekit
         out.append(new)
