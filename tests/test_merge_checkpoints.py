@@ -196,7 +196,7 @@ def test_signal_mid_merge_leaves_nothing_and_keeps_existing_output(llama, tmp_pa
     "edit,needle",
     [
         (lambda c: c.update(slices=[]), "'slices' is not supported"),
-        (lambda c: c.update(tokenizer_source="base"), "'tokenizer_source' is not supported"),
+        (lambda c: c.update(modules={}), "'modules' is not supported"),
         (lambda c: c.update(parameters={"int8_mask": 1}), "int8_mask must be true or false"),
         (lambda c: c["models"][0]["parameters"].update(weight=[]), "weight: an empty gradient list"),
         (lambda c: c["models"][0]["parameters"].update(weight=[{"filter": "mlp", "valu": 1}]), "unknown key 'valu'"),
