@@ -70,6 +70,8 @@ const SOURCES: &[Source] = &[
     Source { name: "importance.cu", prelude: PHILOX_CU, text: include_str!("../../../../cuda/importance.cu"), kernels: crate::importance::cuda::KERNELS },
     // Sophia / AdaHessian state updates, launched by crate::optim::hessian_cuda.
     Source { name: "optim_hessian.cu", prelude: "", text: include_str!("../../../../cuda/optim_hessian.cu"), kernels: crate::optim::hessian_cuda::KERNELS },
+    // MKOR's fused inverse-factor update, launched by crate::optim::mkor_cuda.
+    Source { name: "mkor.cu", prelude: "", text: include_str!("../../../../cuda/mkor.cu"), kernels: crate::optim::mkor_cuda::KERNELS },
 ];
 
 /// Every kernel the sources define.

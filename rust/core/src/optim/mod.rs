@@ -6,3 +6,6 @@
 pub mod hessian;
 #[cfg(feature = "cuda")]
 pub mod hessian_cuda;
+pub mod mkor;
+#[cfg(feature = "cuda")]
+pub mod mkor_cuda;
