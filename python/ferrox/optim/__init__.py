@@ -14,6 +14,7 @@ from .._lazy import exports
 
 _WHERE = {
     "Optimizer": "_base",
+    "MeZO": "mezo", "MeZOLog": "mezo",
 }
 
 __all__ = sorted(_WHERE)

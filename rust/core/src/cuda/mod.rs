@@ -68,6 +68,8 @@ const SOURCES: &[Source] = &[
     Source { name: "delta.cu", prelude: "", text: include_str!("../../../../cuda/delta.cu"), kernels: crate::delta::cuda::KERNELS },
     // TRAK's implicit projection draws its signs with philox.cu's philox_block.
     Source { name: "importance.cu", prelude: PHILOX_CU, text: include_str!("../../../../cuda/importance.cu"), kernels: crate::importance::cuda::KERNELS },
+    // MeZO's fused perturb/restore/update pass regenerates z with philox.cu's normals.
+    Source { name: "mezo.cu", prelude: PHILOX_CU, text: include_str!("../../../../cuda/mezo.cu"), kernels: crate::optim::mezo_cuda::KERNELS },
     // Sophia / AdaHessian state updates, launched by crate::optim::hessian_cuda.
     Source { name: "optim_hessian.cu", prelude: "", text: include_str!("../../../../cuda/optim_hessian.cu"), kernels: crate::optim::hessian_cuda::KERNELS },
     // MKOR's fused inverse-factor update, launched by crate::optim::mkor_cuda.

@@ -1,3 +1,4 @@
 //! Bindings of `ferrox_core::optim`: one file per optimizer family.
 
 pub mod hessian;
+pub mod mezo;
