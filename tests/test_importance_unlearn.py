@@ -89,6 +89,23 @@ def test_fit_datamodels_recovers_a_linear_model():
     np.testing.assert_allclose(fit_datamodels(masks, outputs, ridge=1e-9), beta, atol=1e-6)
 
 
+def test_dmm_unlearn_matches_targets_with_the_default_margins():
+    # Oracle matching of one classifier onto another's margins, in minibatches.
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(64, 4, generator=g), torch.randint(0, 3, (64,), generator=g)
+    torch.manual_seed(0)
+    model, oracle = (nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)) for _ in range(2))
+    with torch.no_grad():
+        targets = margins(oracle(x), y)
+        before = nn.functional.mse_loss(margins(model(x), y), targets).item()
+    losses = dmm_unlearn(model, (x, y), targets, steps=300, lr=0.02, batch_size=16, seed=1)
+    with torch.no_grad():
+        after = nn.functional.mse_loss(margins(model(x), y), targets).item()
+    assert len(losses) == 300 and after < 0.1 * before
+    with pytest.raises(ValueError, match="targets"):
+        dmm_unlearn(model, (x, y), targets[:10])
+
+
 # -- the functional check ---------------------------------------------------
 
 D, H, C = 4, 16, 3  # a 4-16-3 tanh MLP: 131 parameters
