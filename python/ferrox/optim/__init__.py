@@ -14,6 +14,8 @@ from .._lazy import exports
 
 _WHERE = {
     "Optimizer": "_base",
+    "SophiaH": "sophia", "SophiaG": "sophia",
+    "AdaHessian": "adahessian",
     "MeZO": "mezo", "MeZOLog": "mezo",
 }
 

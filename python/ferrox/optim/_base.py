@@ -93,10 +93,15 @@ def tensor_int(t: torch.Tensor) -> int:
 
 def grads_finite(params) -> bool:
     """True when every gradient in ``params`` is finite (one sync overall)."""
-    flags = [torch.isfinite(p.grad).all() for p in params if p.grad is not None]
-    if not flags:
-        return True
-    return bool(torch.stack([f.to("cpu") for f in flags]).all())
+    return all_finite([p.grad for p in params if p.grad is not None])
+
+
+def all_finite(tensors) -> bool:
+    """True when every tensor is finite: one reduction and one host sync per device."""
+    by_device = {}
+    for t in tensors:
+        by_device.setdefault(t.device, []).append(torch.isfinite(t).all())
+    return all(bool(torch.stack(flags).all()) for flags in by_device.values())
 
 
 class Optimizer(torch.optim.Optimizer):
@@ -114,7 +119,7 @@ class Optimizer(torch.optim.Optimizer):
         self.nonfinite = check_choice("nonfinite", nonfinite, _NONFINITE)
         super().__init__(params, defaults)
         self.global_state = {"probe_seed": int_tensor(check_int("seed", seed)),
-                             "probe_counter": int_tensor(0)}
+                             "probe_counter": int_tensor(0), "step": int_tensor(0)}
         for name in self.STAT_NAMES:
             self.global_state[f"stat_{name}"] = torch.tensor(0.0, dtype=torch.float64)
 
@@ -133,6 +138,22 @@ class Optimizer(torch.optim.Optimizer):
     @property
     def probe_seed(self) -> int:
         return tensor_int(self.global_state["probe_seed"])
+
+    @property
+    def probe_counter(self) -> int:
+        """The counter the next probe draw will use."""
+        return tensor_int(self.global_state["probe_counter"])
+
+    @property
+    def step_count(self) -> int:
+        """Steps taken (skipped ones not counted); saved in state_dict."""
+        return tensor_int(self.global_state["step"])
+
+    def advance_step(self) -> int:
+        """Counts one step taken; returns the new ``step_count``."""
+        t = self.step_count + 1
+        self.global_state["step"] = int_tensor(t)
+        return t
 
     def next_probe_counter(self) -> int:
         """The counter of the next probe draw; advances it (saved in state_dict)."""

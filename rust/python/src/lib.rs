@@ -61,6 +61,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(importance::mle_sample_count, m)?)?;
     m.add_function(wrap_pyfunction!(importance::mle_learn, m)?)?;
     m.add_function(wrap_pyfunction!(importance::importance_project, m)?)?;
+    m.add_function(wrap_pyfunction!(optim::hessian::sophia_update, m)?)?;
+    m.add_function(wrap_pyfunction!(optim::hessian::adahessian_update, m)?)?;
     m.add_function(wrap_pyfunction!(optim::mezo::mezo_pass, m)?)?;
     Ok(())
 }
