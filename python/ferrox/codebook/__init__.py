@@ -15,6 +15,7 @@ _WHERE = {
     "kmeans": "kmeans",
     "quantize": "quantize", "dequantize": "quantize",
     "group_rows": "grouping", "row_statistics": "grouping",
+    "learn_codebook": "joint", "capture_inputs": "joint",
 }
 
 __all__ = sorted(_WHERE)
