@@ -7,3 +7,7 @@
 //! combined in piece order.
 
 pub mod kmeans;
+
+pub mod linear;
+#[cfg(feature = "cuda")]
+pub mod cuda;

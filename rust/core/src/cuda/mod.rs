@@ -66,6 +66,8 @@ const SOURCES: &[Source] = &[
     },
     // BitDelta's 1-bit matmul, launched by crate::delta::cuda.
     Source { name: "delta.cu", prelude: "", text: include_str!("../../../../cuda/delta.cu"), kernels: crate::delta::cuda::KERNELS },
+    // The codebook linear (LUT decode fused into the matmul), launched by crate::codebook::cuda.
+    Source { name: "codebook.cu", prelude: "", text: include_str!("../../../../cuda/codebook.cu"), kernels: crate::codebook::cuda::KERNELS },
     // TRAK's implicit projection draws its signs with philox.cu's philox_block.
     Source { name: "importance.cu", prelude: PHILOX_CU, text: include_str!("../../../../cuda/importance.cu"), kernels: crate::importance::cuda::KERNELS },
     // MeZO's fused perturb/restore/update pass regenerates z with philox.cu's normals.
