@@ -14,6 +14,7 @@ from .._lazy import exports
 
 _WHERE = {
     "Optimizer": "_base",
+    "MKOR": "mkor",
     "SophiaH": "sophia", "SophiaG": "sophia",
     "AdaHessian": "adahessian",
     "MeZO": "mezo", "MeZOLog": "mezo",

@@ -1,4 +1,5 @@
 //! Bindings of `ferrox_core::optim`: one file per optimizer family.
 
 pub mod hessian;
+pub mod mkor;
 pub mod mezo;
