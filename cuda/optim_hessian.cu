@@ -7,19 +7,19 @@
 
 template <typename T>
 __device__ __forceinline__ void sophia_body(T* p, const T* g, float* m, float* h, const T* x, const T* y, int refresh,
-                                            float lr, float beta1, float rho, float eps, float decay, float beta2,
-                                            float scale, u64 n, u64* counts) {
+                                            float lr, float beta1, float omb1, float rho, float eps, float decay,
+                                            float beta2, float omb2, float scale, u64 n, u64* counts) {
     u64 clipped = 0, positive = 0;
     for (u64 i = global_index(); i < n; i += global_stride()) {
         float hh = h[i];
         if (refresh) {
             float est = scale * Elem<T>::load(x[i]) * Elem<T>::load(y[i]);
-            hh = beta2 * hh + (1.0f - beta2) * est;
+            hh = beta2 * hh + omb2 * est;
             positive += hh > 0.0f ? 1u : 0u;
             h[i] = hh;
         }
         float pp = Elem<T>::load(p[i]) * decay;
-        float mm = beta1 * m[i] + (1.0f - beta1) * Elem<T>::load(g[i]);
+        float mm = beta1 * m[i] + omb1 * Elem<T>::load(g[i]);
         float scaled = rho * hh;
         float den = scaled > eps ? scaled : eps;
         float r = mm / den;
@@ -39,15 +39,15 @@ __device__ __forceinline__ void sophia_body(T* p, const T* g, float* m, float* h
 
 template <typename T>
 __device__ __forceinline__ void adahessian_body(T* p, const T* g, float* m, float* v, const T* d, int refresh,
-                                                float step_size, float beta1, float beta2, float bias_correction2,
-                                                float eps, float power, float decay, u64 n, u64* counts) {
+                                                float step_size, float beta1, float beta2, float omb1, float omb2,
+                                                float bias_correction2, float eps, float power, float decay, u64 n, u64* counts) {
     u64 positive = 0;
     for (u64 i = global_index(); i < n; i += global_stride()) {
-        float mm = beta1 * m[i] + (1.0f - beta1) * Elem<T>::load(g[i]);
+        float mm = beta1 * m[i] + omb1 * Elem<T>::load(g[i]);
         float vv = v[i];
         if (refresh) {
             float dd = Elem<T>::load(d[i]);
-            vv = beta2 * vv + (1.0f - beta2) * (dd * dd);
+            vv = beta2 * vv + omb2 * (dd * dd);
             positive += dd > 0.0f ? 1u : 0u;
             v[i] = vv;
         }
@@ -62,16 +62,17 @@ __device__ __forceinline__ void adahessian_body(T* p, const T* g, float* m, floa
 
 #define OPTIM_HESSIAN_KERNELS(SUFFIX, T)                                                                              \
     extern "C" __global__ void sophia_update_##SUFFIX(T* p, const T* g, float* m, float* h, const T* x, const T* y,   \
-                                                      int refresh, float lr, float beta1, float rho, float eps,       \
-                                                      float decay, float beta2, float scale, u64 n, u64* counts) {    \
-        sophia_body(p, g, m, h, x, y, refresh, lr, beta1, rho, eps, decay, beta2, scale, n, counts);                 \
+                                                      int refresh, float lr, float beta1, float omb1, float rho,      \
+                                                      float eps, float decay, float beta2, float omb2, float scale,   \
+                                                      u64 n, u64* counts) {                                           \
+        sophia_body(p, g, m, h, x, y, refresh, lr, beta1, omb1, rho, eps, decay, beta2, omb2, scale, n, counts);     \
     }                                                                                                                 \
     extern "C" __global__ void adahessian_update_##SUFFIX(T* p, const T* g, float* m, float* v, const T* d,           \
                                                           int refresh, float step_size, float beta1, float beta2,     \
-                                                          float bias_correction2, float eps, float power,             \
-                                                          float decay, u64 n, u64* counts) {                          \
-        adahessian_body(p, g, m, v, d, refresh, step_size, beta1, beta2, bias_correction2, eps, power, decay, n,      \
-                        counts);                                                                                      \
+                                                          float omb1, float omb2, float bias_correction2, float eps,   \
+                                                          float power, float decay, u64 n, u64* counts) {             \
+        adahessian_body(p, g, m, v, d, refresh, step_size, beta1, beta2, omb1, omb2, bias_correction2, eps, power,    \
+                        decay, n, counts);                                                                            \
     }
 
 OPTIM_HESSIAN_KERNELS(f32, float)

@@ -24,10 +24,11 @@ def _f32(v):
 
 
 def _ema(beta, old, new):
-    """β·old + (1 − β)·new with β and 1 − β rounded to f32 as the kernel does;
-    returns the value and the size of its terms (for the rounding tolerance)."""
-    b = _f32(beta)
-    return b * old + (1 - b) * new, b * old.abs() + (1 - b) * new.abs()
+    """β·old + (1 − β)·new with β and 1 − β each rounded once to f32, as the
+    kernel does; returns the value and the size of its terms (for the
+    rounding tolerance)."""
+    b, c = _f32(beta), _f32(1.0 - beta)
+    return b * old + c * new, b * old.abs() + c * new.abs()
 
 
 def sophia_reference(p, g, m, h, *, lr, beta1, rho, eps, wd, probe=None, beta2=0.0, scale=1.0):

@@ -22,6 +22,9 @@ const CHUNK: usize = 1 << 15;
 pub struct Sophia {
     pub lr: f32,
     pub beta1: f32,
+    /// 1 − β1, rounded once from the exact value (1 − β1 in f32 would be
+    /// 1.3e-5 off for β = 0.999).
+    pub one_minus_beta1: f32,
     /// γ of the paper (the `rho` of the official code): the Hessian scale.
     pub rho: f32,
     /// Floor of the denominator, max(ρ·h, ε).
@@ -36,6 +39,8 @@ pub struct Sophia {
 #[derive(Clone, Copy, Debug)]
 pub struct Refresh {
     pub beta2: f32,
+    /// 1 − β2, rounded once.
+    pub one_minus_beta2: f32,
     pub scale: f32,
 }
 
@@ -46,6 +51,9 @@ pub struct AdaHessian {
     pub step_size: f32,
     pub beta1: f32,
     pub beta2: f32,
+    /// 1 − β1 and 1 − β2, each rounded once.
+    pub one_minus_beta1: f32,
+    pub one_minus_beta2: f32,
     /// 1 − β2^t.
     pub bias_correction2: f32,
     pub eps: f32,
@@ -95,17 +103,17 @@ impl std::ops::Add for Counts {
 /// One Sophia element: refresh h (when `probe`), decay θ, m ← β1·m + (1−β1)·g,
 /// θ ← θ − lr·clip(m / max(ρ·h, ε), 1). Returns (θ, m, h, clipped, positive).
 #[inline(always)]
-pub(crate) fn sophia1(s: &Sophia, refresh: Option<(f32, f32, f32, f32)>, p: f32, g: f32, m: f32, h: f32) -> (f32, f32, f32, bool, bool) {
+pub(crate) fn sophia1(s: &Sophia, refresh: Option<(f32, f32, f32, f32, f32)>, p: f32, g: f32, m: f32, h: f32) -> (f32, f32, f32, bool, bool) {
     let (h, positive) = match refresh {
-        Some((beta2, scale, x, y)) => {
+        Some((beta2, omb2, scale, x, y)) => {
             let est = scale * x * y;
-            let h = beta2 * h + (1.0 - beta2) * est;
+            let h = beta2 * h + omb2 * est;
             (h, h > 0.0)
         }
         None => (h, false),
     };
     let p = p * s.decay;
-    let m = s.beta1 * m + (1.0 - s.beta1) * g;
+    let m = s.beta1 * m + s.one_minus_beta1 * g;
     let scaled = s.rho * h;
     // `>` keeps ε for a NaN ρh as fmaxf does on the device.
     let den = if scaled > s.eps { scaled } else { s.eps };
@@ -120,17 +128,18 @@ pub(crate) fn sophia1(s: &Sophia, refresh: Option<(f32, f32, f32, f32)>, p: f32,
     (p - s.lr * r, m, h, clipped, positive)
 }
 
-/// One AdaHessian element. Returns (θ, m, v, positive).
+/// One AdaHessian element. Returns (θ, m, v, positive). `SQRT` is
+/// `a.power == 1`, decided once per piece so the loop has no call in it.
 #[inline(always)]
-pub(crate) fn adahessian1(a: &AdaHessian, d: Option<f32>, p: f32, g: f32, m: f32, v: f32) -> (f32, f32, f32, bool) {
-    let m = a.beta1 * m + (1.0 - a.beta1) * g;
+pub(crate) fn adahessian1<const SQRT: bool>(a: &AdaHessian, d: Option<f32>, p: f32, g: f32, m: f32, v: f32) -> (f32, f32, f32, bool) {
+    let m = a.beta1 * m + a.one_minus_beta1 * g;
     let (v, positive) = match d {
-        Some(d) => (a.beta2 * v + (1.0 - a.beta2) * (d * d), d > 0.0),
+        Some(d) => (a.beta2 * v + a.one_minus_beta2 * (d * d), d > 0.0),
         None => (v, false),
     };
     let q = v / a.bias_correction2;
     // k = 1 (the default) is a square root, correctly rounded on both sides.
-    let den = (if a.power == 1.0 { q.sqrt() } else { q.powf(0.5 * a.power) }) + a.eps;
+    let den = (if SQRT { q.sqrt() } else { q.powf(0.5 * a.power) }) + a.eps;
     let p = p * a.decay;
     (p - a.step_size * (m / den), m, v, positive)
 }
@@ -154,11 +163,12 @@ fn check_hyper(name: &str, v: f32) -> Result<()> {
 /// One fused Sophia step over all tensors of a group; `refresh` is given
 /// exactly when every tensor has a probe.
 pub fn sophia_update<T: Float>(tensors: &mut [SophiaTensor<'_, T>], s: &Sophia, refresh: Option<&Refresh>) -> Result<Counts> {
-    for (name, v) in [("lr", s.lr), ("beta1", s.beta1), ("rho", s.rho), ("eps", s.eps), ("decay", s.decay)] {
+    for (name, v) in [("lr", s.lr), ("beta1", s.beta1), ("one_minus_beta1", s.one_minus_beta1), ("rho", s.rho), ("eps", s.eps), ("decay", s.decay)] {
         check_hyper(name, v)?;
     }
     if let Some(r) = refresh {
         check_hyper("beta2", r.beta2)?;
+        check_hyper("one_minus_beta2", r.one_minus_beta2)?;
         check_hyper("scale", r.scale)?;
     }
     for (i, t) in tensors.iter().enumerate() {
@@ -192,7 +202,7 @@ pub fn sophia_update<T: Float>(tensors: &mut [SophiaTensor<'_, T>], s: &Sophia, 
             let mut c = Counts::default();
             for i in 0..p.len() {
                 let rf = match (refresh, probe) {
-                    (Some(r), Some((x, y))) => Some((r.beta2, r.scale, x[i].to_f32(), y[i].to_f32())),
+                    (Some(r), Some((x, y))) => Some((r.beta2, r.one_minus_beta2, r.scale, x[i].to_f32(), y[i].to_f32())),
                     _ => None,
                 };
                 let (np, nm, nh, clipped, positive) = sophia1(s, rf, p[i].to_f32(), g[i].to_f32(), m[i], h[i]);
@@ -211,7 +221,8 @@ pub fn sophia_update<T: Float>(tensors: &mut [SophiaTensor<'_, T>], s: &Sophia, 
 /// every tensor) on refresh steps, when v is updated.
 pub fn adahessian_update<T: Float>(tensors: &mut [AdaHessianTensor<'_, T>], a: &AdaHessian) -> Result<Counts> {
     for (name, v) in [
-        ("step_size", a.step_size), ("beta1", a.beta1), ("beta2", a.beta2), ("bias_correction2", a.bias_correction2),
+        ("step_size", a.step_size), ("beta1", a.beta1), ("beta2", a.beta2), ("one_minus_beta1", a.one_minus_beta1),
+        ("one_minus_beta2", a.one_minus_beta2), ("bias_correction2", a.bias_correction2),
         ("eps", a.eps), ("power", a.power), ("decay", a.decay),
     ] {
         check_hyper(name, v)?;
@@ -237,19 +248,29 @@ pub fn adahessian_update<T: Float>(tensors: &mut [AdaHessianTensor<'_, T>], a: &
             pieces.push((p, g, m, v, d));
         }
     }
+    fn piece<T: Float, const SQRT: bool>(a: &AdaHessian, p: &mut [T], g: &[T], m: &mut [f32], v: &mut [f32], d: Option<&[T]>) -> Counts {
+        let mut c = Counts::default();
+        match d {
+            Some(d) => {
+                for i in 0..p.len() {
+                    let (np, nm, nv, positive) = adahessian1::<SQRT>(a, Some(d[i].to_f32()), p[i].to_f32(), g[i].to_f32(), m[i], v[i]);
+                    (p[i], m[i], v[i]) = (T::from_f32(np), nm, nv);
+                    c.positive += positive as u64;
+                }
+            }
+            None => {
+                for i in 0..p.len() {
+                    let (np, nm, _, _) = adahessian1::<SQRT>(a, None, p[i].to_f32(), g[i].to_f32(), m[i], v[i]);
+                    (p[i], m[i]) = (T::from_f32(np), nm);
+                }
+            }
+        }
+        c
+    }
+    let sqrt = a.power == 1.0;
     Ok(pieces
         .into_par_iter()
-        .map(|(p, g, m, v, d)| {
-            let mut c = Counts::default();
-            for i in 0..p.len() {
-                let (np, nm, nv, positive) = adahessian1(a, d.map(|d| d[i].to_f32()), p[i].to_f32(), g[i].to_f32(), m[i], v[i]);
-                p[i] = T::from_f32(np);
-                m[i] = nm;
-                v[i] = nv;
-                c.positive += positive as u64;
-            }
-            c
-        })
+        .map(|(p, g, m, v, d)| if sqrt { piece::<T, true>(a, p, g, m, v, d) } else { piece::<T, false>(a, p, g, m, v, d) })
         .reduce(Counts::default, |a, b| a + b))
 }
 
@@ -260,7 +281,7 @@ mod tests {
     use super::*;
     use crate::test_rng::XorShift;
 
-    const S: Sophia = Sophia { lr: 0.01, beta1: 0.965, rho: 0.04, eps: 1e-12, decay: 1.0 - 0.01 * 0.1 };
+    const S: Sophia = Sophia { lr: 0.01, beta1: 0.965, one_minus_beta1: 0.035, rho: 0.04, eps: 1e-12, decay: 1.0 - 0.01 * 0.1 };
 
     fn vals(rng: &mut XorShift, n: usize, scale: f32) -> Vec<f32> {
         (0..n).map(|_| rng.normal_ish() * scale).collect()
@@ -268,8 +289,8 @@ mod tests {
 
     /// A scalar f64 reference of the paper's update, for the tolerance checks.
     fn sophia_ref(p: f64, g: f64, m: f64, h: f64, xy: Option<f64>, beta2: f64) -> (f64, f64, f64) {
-        let h = xy.map_or(h, |e| beta2 * h + (1.0 - beta2) * e);
-        let m = S.beta1 as f64 * m + (1.0 - S.beta1 as f64) * g;
+        let h = xy.map_or(h, |e| beta2 * h + 0.01f32 as f64 * e);
+        let m = S.beta1 as f64 * m + S.one_minus_beta1 as f64 * g;
         let r = (m / (S.rho as f64 * h).max(S.eps as f64)).clamp(-1.0, 1.0);
         (p * S.decay as f64 - S.lr as f64 * r, m, h)
     }
@@ -290,7 +311,7 @@ mod tests {
                     .zip(&probes)
                     .map(|((p, g, m, h), (x, y))| SophiaTensor { param: p, grad: g, m, h, probe: refresh.then_some((&x[..], &y[..])) })
                     .collect();
-                sophia_update(&mut ts, &S, refresh.then_some(&Refresh { beta2: 0.99, scale: 2.0 })).unwrap()
+                sophia_update(&mut ts, &S, refresh.then_some(&Refresh { beta2: 0.99, one_minus_beta2: 0.01, scale: 2.0 })).unwrap()
             });
             (d, counts)
         };
@@ -307,7 +328,7 @@ mod tests {
                     assert_eq!(gp.to_bits(), four[t].0[i].to_bits());
                     // A few f32 roundings, relative to the terms (they may cancel).
                     let b1 = S.beta1 as f64;
-                    let m_scale = b1 * (m0[i] as f64).abs() + (1.0 - b1) * (g[i] as f64).abs();
+                    let m_scale = b1 * (m0[i] as f64).abs() + S.one_minus_beta1 as f64 * (g[i] as f64).abs();
                     let h_scale = 0.99 * (h0[i] as f64).abs() + 0.01 * xy.unwrap_or(0.0).abs();
                     assert!((gm as f64 - m).abs() <= 4.0 * f32::EPSILON as f64 * m_scale, "m {gm} vs {m}");
                     assert!((gh as f64 - h).abs() <= 4.0 * f32::EPSILON as f64 * h_scale, "h {gh} vs {h}");
@@ -348,18 +369,18 @@ mod tests {
         let v0: Vec<f32> = vals(&mut rng, n, 0.1).iter().map(|x| x * x).collect();
         let d = vals(&mut rng, n, 1.0);
         for power in [1.0f32, 0.5] {
-            let a = AdaHessian { step_size: 0.1 / (1.0 - 0.9f32.powi(3)), beta1: 0.9, beta2: 0.999, bias_correction2: 1.0 - 0.999f32.powi(3), eps: 1e-4, power, decay: 0.999 };
+            let a = AdaHessian { step_size: 0.1 / (1.0 - 0.9f32.powi(3)), beta1: 0.9, beta2: 0.999, one_minus_beta1: 0.1, one_minus_beta2: 0.001, bias_correction2: 1.0 - 0.999f32.powi(3), eps: 1e-4, power, decay: 0.999 };
             let (mut p, mut m, mut v) = (p0.clone(), m0.clone(), v0.clone());
             let c = adahessian_update(&mut [AdaHessianTensor { param: &mut p, grad: &g, m: &mut m, v: &mut v, d: Some(&d) }], &a).unwrap();
             assert_eq!(c.positive, d.iter().filter(|&&x| x > 0.0).count() as u64);
             for i in 0..n {
                 // The f32 hyperparameters, exactly (1 − 0.999f32 is 1.3e-5 off 0.001).
-                let (b1, b2) = (a.beta1 as f64, a.beta2 as f64);
-                let wm = b1 * m0[i] as f64 + (1.0 - b1) * g[i] as f64;
-                let wv = b2 * v0[i] as f64 + (1.0 - b2) * (d[i] as f64).powi(2);
+                let (b1, b2, c1, c2) = (a.beta1 as f64, a.beta2 as f64, a.one_minus_beta1 as f64, a.one_minus_beta2 as f64);
+                let wm = b1 * m0[i] as f64 + c1 * g[i] as f64;
+                let wv = b2 * v0[i] as f64 + c2 * (d[i] as f64).powi(2);
                 let den = (wv / a.bias_correction2 as f64).powf(power as f64 / 2.0) + a.eps as f64;
                 let wp = p0[i] as f64 * a.decay as f64 - a.step_size as f64 * wm / den;
-                let m_scale = b1 * (m0[i] as f64).abs() + (1.0 - b1) * (g[i] as f64).abs();
+                let m_scale = b1 * (m0[i] as f64).abs() + c1 * (g[i] as f64).abs();
                 assert!((m[i] as f64 - wm).abs() <= 4.0 * f32::EPSILON as f64 * m_scale);
                 assert!((v[i] as f64 - wv).abs() <= 4.0 * f32::EPSILON as f64 * wv);
                 assert!((p[i] as f64 - wp).abs() <= 1e-5 * wp.abs().max(1e-2), "p {} vs {wp}", p[i]);
@@ -377,7 +398,7 @@ mod tests {
         let bad = Sophia { lr: f32::NAN, ..S };
         let err = sophia_update(&mut [SophiaTensor { param: &mut p, grad: &g, m: &mut m, h: &mut h, probe: None }], &bad, None).unwrap_err();
         assert!(err.to_string().contains("lr"), "{err}");
-        let err = sophia_update(&mut [SophiaTensor { param: &mut p, grad: &g, m: &mut m, h: &mut h, probe: None }], &S, Some(&Refresh { beta2: 0.9, scale: 1.0 }))
+        let err = sophia_update(&mut [SophiaTensor { param: &mut p, grad: &g, m: &mut m, h: &mut h, probe: None }], &S, Some(&Refresh { beta2: 0.9, one_minus_beta2: 0.1, scale: 1.0 }))
             .unwrap_err();
         assert!(err.to_string().contains("probe[0]"), "{err}");
         assert_eq!(p, vec![1f32; 4]);

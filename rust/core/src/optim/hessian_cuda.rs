@@ -97,15 +97,17 @@ pub(crate) unsafe fn sophia_on<L: Launch>(dev: &L, dtype: DType, tensors: &[Devi
     for (i, t) in tensors.iter().enumerate() {
         check_tensor(i, t, refresh.is_some(), true)?;
     }
-    let r = refresh.copied().unwrap_or(Refresh { beta2: 0.0, scale: 0.0 });
+    let r = refresh.copied().unwrap_or(Refresh { beta2: 0.0, one_minus_beta2: 0.0, scale: 0.0 });
     for t in tensors.iter().filter(|t| t.n > 0) {
         let (mut p, mut g, mut m, mut h, mut x, mut y) = (t.param, t.grad, t.m, t.state, t.x, t.y);
         let mut on = refresh.is_some() as i32;
-        let (mut lr, mut b1, mut rho, mut eps, mut decay, mut b2, mut scale) = (s.lr, s.beta1, s.rho, s.eps, s.decay, r.beta2, r.scale);
+        let (mut lr, mut b1, mut c1, mut rho, mut eps, mut decay) = (s.lr, s.beta1, s.one_minus_beta1, s.rho, s.eps, s.decay);
+        let (mut b2, mut c2, mut scale) = (r.beta2, r.one_minus_beta2, r.scale);
         let (mut n, mut c) = (t.n as u64, counts);
         let mut params = [
             arg(&mut p), arg(&mut g), arg(&mut m), arg(&mut h), arg(&mut x), arg(&mut y), arg(&mut on), arg(&mut lr), arg(&mut b1),
-            arg(&mut rho), arg(&mut eps), arg(&mut decay), arg(&mut b2), arg(&mut scale), arg(&mut n), arg(&mut c),
+            arg(&mut c1), arg(&mut rho), arg(&mut eps), arg(&mut decay), arg(&mut b2), arg(&mut c2), arg(&mut scale), arg(&mut n),
+            arg(&mut c),
         ];
         dev.launch(name, grid(dev, t.n)?, THREADS, &mut params)?;
     }
@@ -130,11 +132,12 @@ pub(crate) unsafe fn adahessian_on<L: Launch>(dev: &L, dtype: DType, tensors: &[
     for t in tensors.iter().filter(|t| t.n > 0) {
         let (mut p, mut g, mut m, mut v, mut d) = (t.param, t.grad, t.m, t.state, t.x);
         let mut on = refresh as i32;
-        let (mut step, mut b1, mut b2, mut bc2, mut eps, mut power, mut decay) = (a.step_size, a.beta1, a.beta2, a.bias_correction2, a.eps, a.power, a.decay);
+        let (mut step, mut b1, mut b2, mut c1, mut c2) = (a.step_size, a.beta1, a.beta2, a.one_minus_beta1, a.one_minus_beta2);
+        let (mut bc2, mut eps, mut power, mut decay) = (a.bias_correction2, a.eps, a.power, a.decay);
         let (mut n, mut c) = (t.n as u64, counts);
         let mut params = [
             arg(&mut p), arg(&mut g), arg(&mut m), arg(&mut v), arg(&mut d), arg(&mut on), arg(&mut step), arg(&mut b1), arg(&mut b2),
-            arg(&mut bc2), arg(&mut eps), arg(&mut power), arg(&mut decay), arg(&mut n), arg(&mut c),
+            arg(&mut c1), arg(&mut c2), arg(&mut bc2), arg(&mut eps), arg(&mut power), arg(&mut decay), arg(&mut n), arg(&mut c),
         ];
         dev.launch(name, grid(dev, t.n)?, THREADS, &mut params)?;
     }
@@ -163,15 +166,15 @@ mod sim {
         return launch(grid, block, [&] {                                                                       \
             sophia_update_##SUFFIX(IP(0, T*), IP(1, const T*), IP(2, float*), IP(3, float*), IP(4, const T*),   \
                                    IP(5, const T*), IP(6, int), IP(7, float), IP(8, float), IP(9, float),       \
-                                   IP(10, float), IP(11, float), IP(12, float), IP(13, float), IP(14, u64),     \
-                                   IP(15, u64*));                                                               \
+                                   IP(10, float), IP(11, float), IP(12, float), IP(13, float), IP(14, float),   \
+                                   IP(15, float), IP(16, u64), IP(17, u64*));                                   \
         }) ? 0 : 2;                                                                                            \
     if (!std::strcmp(name, "adahessian_update_" #SUFFIX))                                                      \
         return launch(grid, block, [&] {                                                                       \
             adahessian_update_##SUFFIX(IP(0, T*), IP(1, const T*), IP(2, float*), IP(3, float*),                \
                                        IP(4, const T*), IP(5, int), IP(6, float), IP(7, float), IP(8, float),   \
-                                       IP(9, float), IP(10, float), IP(11, float), IP(12, float), IP(13, u64),  \
-                                       IP(14, u64*));                                                           \
+                                       IP(9, float), IP(10, float), IP(11, float), IP(12, float), IP(13, float),\
+                                       IP(14, float), IP(15, u64), IP(16, u64*));                               \
         }) ? 0 : 2;
 extern "C" int optim_hessian_sim_launch(const char* name, unsigned grid, unsigned block, void** params) {
     OPTIM_SIM(f32, float)
@@ -224,8 +227,8 @@ extern "C" int optim_hessian_sim_launch(const char* name, unsigned grid, unsigne
     }
 
     fn sophia_case<T: Float>(sim: &Sim, refresh: bool) {
-        let s = Sophia { lr: 0.01, beta1: 0.965, rho: 0.04, eps: 1e-12, decay: 0.999 };
-        let r = Refresh { beta2: 0.99, scale: 3.0 };
+        let s = Sophia { lr: 0.01, beta1: 0.965, one_minus_beta1: 0.035, rho: 0.04, eps: 1e-12, decay: 0.999 };
+        let r = Refresh { beta2: 0.99, one_minus_beta2: 0.01, scale: 3.0 };
         let mut want = cases::<T>(5);
         let mut got = cases::<T>(5);
         let mut ts: Vec<SophiaTensor<T>> = want
@@ -242,7 +245,7 @@ extern "C" int optim_hessian_sim_launch(const char* name, unsigned grid, unsigne
     }
 
     fn ada_case<T: Float>(sim: &Sim, refresh: bool, power: f32) {
-        let a = AdaHessian { step_size: 0.15 / 0.271, beta1: 0.9, beta2: 0.999, bias_correction2: 0.002997, eps: 1e-4, power, decay: 0.9995 };
+        let a = AdaHessian { step_size: 0.15 / 0.271, beta1: 0.9, beta2: 0.999, one_minus_beta1: 0.1, one_minus_beta2: 0.001, bias_correction2: 0.002997, eps: 1e-4, power, decay: 0.9995 };
         let mut want = cases::<T>(9);
         let mut got = cases::<T>(9);
         let mut ts: Vec<AdaHessianTensor<T>> = want
@@ -277,9 +280,9 @@ extern "C" int optim_hessian_sim_launch(const char* name, unsigned grid, unsigne
     #[test]
     fn simulated_launch_checks_pointers() {
         let Some(sim) = sim(1) else { return };
-        let s = Sophia { lr: 0.1, beta1: 0.9, rho: 0.04, eps: 1e-12, decay: 1.0 };
+        let s = Sophia { lr: 0.1, beta1: 0.9, one_minus_beta1: 0.1, rho: 0.04, eps: 1e-12, decay: 1.0 };
         let t = DeviceTensor { n: 4, param: 8, grad: 8, m: 8, state: 8, x: 0, y: 0 };
-        let err = unsafe { sophia_on(&sim, DType::F32, &[t], &s, Some(&Refresh { beta2: 0.9, scale: 1.0 }), 8) }.unwrap_err().to_string();
+        let err = unsafe { sophia_on(&sim, DType::F32, &[t], &s, Some(&Refresh { beta2: 0.9, one_minus_beta2: 0.1, scale: 1.0 }), 8) }.unwrap_err().to_string();
         assert!(err.contains("hessian[0]"), "{err}");
         let err = unsafe { sophia_on(&sim, DType::I32, &[t], &s, None, 8) }.unwrap_err().to_string();
         assert!(err.contains("int32"), "{err}");

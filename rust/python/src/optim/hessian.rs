@@ -171,15 +171,16 @@ impl<'py> Group<'py> {
 #[allow(clippy::too_many_arguments)]
 pub fn sophia_update(
     py: Python<'_>, params: List<'_>, grads: List<'_>, exp_avgs: List<'_>, hessians: List<'_>, counts: &Bound<'_, PyAny>,
-    lr: f32, beta1: f32, rho: f32, eps: f32, decay: f32, probe_x: Option<List<'_>>, probe_y: Option<List<'_>>, beta2: f32,
+    lr: f32, beta1: f64, rho: f32, eps: f32, decay: f32, probe_x: Option<List<'_>>, probe_y: Option<List<'_>>, beta2: f64,
     scale: f32, stream: u64,
 ) -> PyResult<()> {
     if probe_x.is_some() != probe_y.is_some() {
         return Err(to_py(Error::Value("probe_x, probe_y: give both or neither".into())));
     }
     let g = Group::read(&params, &grads, &exp_avgs, &hessians, "hessian_moment", probe_x.as_ref(), probe_y.as_ref(), counts)?;
-    let s = Sophia { lr, beta1, rho, eps, decay };
-    let refresh = g.x.is_some().then_some(Refresh { beta2, scale });
+    // 1 − β from the f64 β, rounded once (1 − f32(β) is 1.3e-5 off for β = 0.999).
+    let s = Sophia { lr, beta1: beta1 as f32, one_minus_beta1: (1.0 - beta1) as f32, rho, eps, decay };
+    let refresh = g.x.is_some().then_some(Refresh { beta2: beta2 as f32, one_minus_beta2: (1.0 - beta2) as f32, scale });
     match g.device {
         Device::Cuda(ordinal) => {
             let ts = g.device_tensors();
@@ -213,11 +214,14 @@ pub fn sophia_update(
 #[allow(clippy::too_many_arguments)]
 pub fn adahessian_update(
     py: Python<'_>, params: List<'_>, grads: List<'_>, exp_avgs: List<'_>, exp_hessian_diag_sqs: List<'_>,
-    counts: &Bound<'_, PyAny>, step_size: f32, beta1: f32, beta2: f32, bias_correction2: f32, eps: f32, power: f32,
+    counts: &Bound<'_, PyAny>, step_size: f32, beta1: f64, beta2: f64, bias_correction2: f32, eps: f32, power: f32,
     decay: f32, hessians: Option<List<'_>>, stream: u64,
 ) -> PyResult<()> {
     let g = Group::read(&params, &grads, &exp_avgs, &exp_hessian_diag_sqs, "exp_hessian_diag_sq", hessians.as_ref(), None, counts)?;
-    let a = AdaHessian { step_size, beta1, beta2, bias_correction2, eps, power, decay };
+    let a = AdaHessian {
+        step_size, beta1: beta1 as f32, beta2: beta2 as f32, one_minus_beta1: (1.0 - beta1) as f32,
+        one_minus_beta2: (1.0 - beta2) as f32, bias_correction2, eps, power, decay,
+    };
     let refresh = g.x.is_some();
     match g.device {
         Device::Cuda(ordinal) => {
