@@ -442,3 +442,18 @@ def test_cuda_optimizer_follows_cpu(digits):
         runs.append([p.detach().cpu() for p in model.parameters()])
     for a, b in zip(*runs):
         assert torch.allclose(a, b, rtol=1e-3, atol=1e-4)
+
+
+def test_bf16_parameters_train_with_f32_statistics():
+    x, y = layer_problem(6)
+    torch.manual_seed(0)
+    layer = nn.Linear(5, 3).to(torch.bfloat16)
+    opt = MKOR(layer.parameters(), model=layer, lr=0.05)
+    with torch.no_grad():
+        first = float(nn.functional.mse_loss(layer(x.bfloat16()).float(), y))
+    run_steps(layer, opt, x.bfloat16(), y.bfloat16(), 30, bs=8,
+              loss_fn=lambda out, t: nn.functional.mse_loss(out.float(), t.float()))
+    with torch.no_grad():
+        last = float(nn.functional.mse_loss(layer(x.bfloat16()).float(), y))
+    assert layer.weight.dtype == torch.bfloat16 and opt.factors(0)["a_inv"].dtype == torch.float16
+    assert last < 0.8 * first, (first, last)
