@@ -1,6 +1,6 @@
 """``ferrox restore D --out M``: a model back from a ferrox compressed
 folder, dispatched on the folder's ``ferrox_format`` (``bitdelta`` needs
-``--base``, the model the delta was taken against)."""
+``--base``, the model the delta was taken against; ``codebook`` takes none)."""
 
 from . import _common
 
@@ -29,5 +29,14 @@ def run(args) -> int:
                        progress=_common.progress(args))
         _common.say(args, f"restored {args.folder} onto {args.base} into {path}")
         return 0
+    if fmt == "codebook":
+        if args.base:
+            raise ValueError(f"{args.folder} is a codebook folder: it restores on its own; drop --base")
+        from ..codebook.compress import restore as restore_codebook
+
+        path = restore_codebook(args.folder, out, force=args.force, fsync=not args.no_fsync,
+                                progress=_common.progress(args))
+        _common.say(args, f"restored {args.folder} into {path}")
+        return 0
     what = f"format {fmt!r}" if fmt else "no ferrox_format"
-    raise ValueError(f"{args.folder}: {what}; ferrox restore reads folders written by 'ferrox compress' (bitdelta)")
+    raise ValueError(f"{args.folder}: {what}; ferrox restore reads folders written by 'ferrox compress' (bitdelta, codebook)")

@@ -12,8 +12,8 @@ from .._lazy import exports
 
 _WHERE = {
     "CodebookTensor": "format", "save": "format", "load": "format",
-    "kmeans": "kmeans",
-    "quantize": "quantize", "dequantize": "quantize",
+    "kmeans": "cluster", "KMeansResult": "cluster",
+    "quantize": "codec", "dequantize": "codec",
     "group_rows": "grouping", "row_statistics": "grouping",
     "learn_codebook": "joint", "capture_inputs": "joint",
 }

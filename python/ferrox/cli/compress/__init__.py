@@ -3,11 +3,12 @@ writing a ferrox output folder (``ferrox_format`` names the method) that
 ``ferrox restore`` and ``ferrox inspect`` read."""
 
 from .. import _common
-from . import bitdelta
+from . import bitdelta, codebook
 
-METHODS = (bitdelta,)
+METHODS = (bitdelta, codebook)
 
 
 def add_parser(sub, parent=None):
-    return _common.add_group(sub, "compress", "compress a model (bitdelta: a fine-tune as 1-bit deltas of its base)",
+    return _common.add_group(sub, "compress", "compress a model (bitdelta: a fine-tune as 1-bit deltas of its base; "
+                             "codebook: k-means codebooks)",
                              METHODS)

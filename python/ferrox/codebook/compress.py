@@ -1,0 +1,203 @@
+"""``compress``: a model checkpoint to a codebook folder, streaming tensor by
+tensor (one weight in memory at a time) through the shared atomic writer;
+``restore``: the dense model back, every tensor in its original dtype and
+order; ``column_statistics``: per-input-column weights (mean x² of each
+Linear's inputs) from calibration batches.
+
+Default selection: every 2-D float weight except ``*embed*``,
+``*lm_head*``, ``*norm*`` (``--select GLOB``/``!GLOB`` changes it); every
+other tensor (int64 buffers included) is copied verbatim."""
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+from .. import checkpoint as ckpt
+from .. import dtypes
+from ..delta.select import Selection
+from . import format as fmt
+
+#: What the codebook compressor leaves verbatim by default.
+DEFAULT_EXCLUDE = ("*embed*", "*lm_head*", "*norm*")
+#: Placeholder of a per-tensor error in the header, patched once known
+#: (a JSON float's repr is at most 24 characters).
+_ERROR_PLACEHOLDER = "?" * 24
+
+
+@dataclass
+class CompressReport:
+    out: str
+    quantized: int
+    verbatim: int
+    bytes_written: int
+    seconds: float
+    summary: dict
+
+
+def selection(select) -> Selection:
+    """The codebook selection rule (BitDelta's glob rule with this
+    compressor's default exclusions)."""
+    if select is None:
+        return Selection((), DEFAULT_EXCLUDE)
+    patterns = [select] if isinstance(select, str) else list(select)
+    inc = [p for p in patterns if not p.startswith("!")]
+    exc = [p[1:] for p in patterns if p.startswith("!")]
+    return Selection(inc, exc if exc else (DEFAULT_EXCLUDE if not inc else ()))
+
+
+def compress(model, bits: int, out, *, groups: int = 1, vector_dim: int = 1, select=None,
+             column_weights: Optional[Dict[str, "object"]] = None, method: str = "auto", seed: int = 0,
+             force: bool = False, fsync: bool = True, progress: Optional[bool] = None,
+             max_shard_bytes: int = 5 * 10**9) -> fmt.CodebookFolder:
+    """Quantizes the selected matrices of the checkpoint ``model`` (file or
+    folder) with 2**bits codewords into the folder ``out`` and returns it.
+
+    ``groups``: row groups per matrix (one codebook each, rows grouped by
+    their statistics); ``vector_dim``: sub-vector length of vector
+    codebooks (a matrix whose column count it does not divide is stored
+    verbatim); ``column_weights``: weight name -> float [in] per-input-column
+    weights of the k-means objective (e.g. from ``column_statistics``; names
+    that are not quantized matrices are ignored)."""
+    import torch
+    from tqdm import tqdm
+
+    from .. import _checks
+    from ..output import OutputFolder, PlannedTensor
+    from .codec import quantize
+
+    if bits not in fmt.BITS:
+        raise ValueError(f"bits: expected one of {fmt.BITS}, got {bits!r}")
+    _checks.count("groups", groups, 1, 1 << 16)
+    _checks.count("vector_dim", vector_dim, 1, 1 << 16)
+    start = time.perf_counter()
+    path = os.fspath(model)
+    info = ckpt.read_checkpoint(path)
+    sel = selection(select)
+    column_weights = column_weights or {}
+    planned, jobs, records = [], [], {}
+    for t in info.tensors:
+        if sel(t.name, t.dtype, t.shape) and t.shape[1] % vector_dim == 0:
+            rows, cols = t.shape
+            g = min(groups, rows)
+            parts = fmt.planned_shapes(rows, cols, bits, vector_dim, g, permuted=g > 1, scaled=False)
+            for suffix, dt, shape in parts:
+                planned.append(PlannedTensor(t.name + suffix, dt, shape, dtypes.numel(shape) * dtypes.itemsize(dt)))
+            jobs.append(("codebook", t, g, parts))
+            records[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "kind": "codebook", "bits": bits,
+                               "vector_dim": vector_dim, "groups": g, "error": _ERROR_PLACEHOLDER,
+                               "weighted": t.name in column_weights,
+                               "grouping": "std, max|w|/std, kurtosis (standardized), k-means" if g > 1 else "none"}
+        else:
+            planned.append(PlannedTensor(t.name, t.dtype, tuple(t.shape), t.nbytes))
+            jobs.append(("verbatim", t))
+            records[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "kind": "verbatim"}
+    def meta_json():
+        return json.dumps({"select": sel.to_json(), "tensors": records}, separators=(",", ":"))
+
+    total = sum(p.nbytes for p in planned)
+    per, qbytes = {}, {}
+    reader = ckpt.TensorReader()
+    with OutputFolder(out, fmt=fmt.FORMAT, inputs=[path], force=force, fsync=fsync) as dest:
+        writer = dest.writer(planned, max_shard_bytes, metadata={fmt.META_KEY: meta_json()})
+        with tqdm(total=sum(t.nbytes for t in info.tensors), desc="ferrox compress codebook", unit="B",
+                  unit_scale=True, disable=None if progress is None else not progress) as bar:
+            for job in jobs:
+                t = job[1]
+                if job[0] == "verbatim":
+                    writer.copy(t.name, t)
+                    bar.update(t.nbytes)
+                    continue
+                _, _, g, parts = job
+                w = reader.read(t)
+                try:
+                    q = quantize(w, bits, groups=g, vector_dim=vector_dim, weights=column_weights.get(t.name),
+                                 method=method, seed=seed)
+                except (ValueError, TypeError) as e:
+                    raise type(e)(f"tensor {t.name!r} ({t.dtype} {list(t.shape)}): {e}") from None
+                stored = q.stored()
+                if g > 1 and fmt.PERM not in stored:  # planned: the grouping happened to keep the order
+                    stored[fmt.PERM] = torch.arange(t.shape[0], dtype=fmt.perm_dtype(t.shape[0]))
+                for suffix, _, _ in parts:
+                    writer.write(t.name + suffix, stored[suffix])
+                records[t.name]["error"] = float(q.error)
+                qbytes[t.name] = sum(writer.where[t.name + s][2].nbytes for s, _, _ in parts)
+                per[t.name] = {"bits": bits, "groups": g, "bits_per_weight": round(8 * qbytes[t.name] / t.numel, 4),
+                               "rel_error": round(float(q.error), 6)}
+                bar.update(t.nbytes)
+        writer.patch_metadata(fmt.META_KEY, meta_json())
+        dest.copy_side_files(path if os.path.isdir(path) else None)
+        summary = fmt.summary(records, qbytes, total)
+        dest.write_report(summary, per)
+        dest.model_card("Codebook-quantized model (ferrox)", [
+            f"Source: `{path}`", "",
+            f"{summary['quantized_matrices']} matrices at {bits} bits ({summary['bits_per_quantized_weight']} "
+            f"bits per weight with codebooks and permutations), {summary['verbatim_tensors']} tensors verbatim. "
+            f"Restore with `ferrox restore {os.path.basename(os.fspath(out))} --out OUT`."])
+        out_abs = dest.out
+    folder = fmt.CodebookFolder.open(out_abs)
+    folder.compress_report = CompressReport(out_abs, len(qbytes), len(jobs) - len(qbytes), total,
+                                            time.perf_counter() - start, summary)
+    return folder
+
+
+def restore(folder, out=None, *, force: bool = False, fsync: bool = True, progress: Optional[bool] = None,
+            max_shard_bytes: int = 5 * 10**9):
+    """The dense model of a codebook folder: written to the folder ``out``
+    (returns its path), or returned as a state dict when ``out`` is None.
+    Quantized matrices are decoded in their original dtype and row order."""
+    from tqdm import tqdm
+
+    from ..output import OutputFolder, PlannedTensor
+    from .codec import dequantize
+
+    f = folder if isinstance(folder, fmt.CodebookFolder) else fmt.CodebookFolder.open(folder)
+    reader = ckpt.TensorReader()
+    if out is None:
+        return {n: dequantize(f.codebook_tensor(n, reader)) if n in f.entries else reader.read(f.verbatim[n])
+                for n in f.tensors}
+    planned = [PlannedTensor(n, r["dtype"], tuple(r["shape"]), dtypes.numel(r["shape"]) * dtypes.itemsize(r["dtype"]))
+               for n, r in f.tensors.items()]
+    with OutputFolder(out, fmt="restore", inputs=[f.path], force=force, fsync=fsync) as dest:
+        writer = dest.writer(planned, max_shard_bytes, metadata={"ferrox_restored_from": fmt.FORMAT})
+        with tqdm(total=sum(p.nbytes for p in planned), desc="ferrox restore", unit="B", unit_scale=True,
+                  disable=None if progress is None else not progress) as bar:
+            for p in planned:
+                if p.name in f.entries:
+                    writer.write(p.name, dequantize(f.codebook_tensor(p.name, reader)))
+                else:
+                    writer.copy(p.name, f.verbatim[p.name])
+                bar.update(p.nbytes)
+        dest.copy_side_files(f.path)
+        return dest.out
+
+
+def column_statistics(model, batches, names=None) -> Dict[str, "object"]:
+    """Mean x² per input column of every ``nn.Linear`` of ``model`` over the
+    calibration ``batches`` (token-id tensors passed to ``model``), keyed by
+    the weight's state-dict name (``MODULE.weight``); ``names`` limits it."""
+    import torch
+
+    sums, counts, hooks = {}, {}, []
+
+    def hook(key):
+        def fn(_mod, inputs, _out):
+            x = inputs[0].detach().float().reshape(-1, inputs[0].shape[-1])
+            sums[key] = sums.get(key, 0) + (x * x).sum(0)
+            counts[key] = counts.get(key, 0) + x.shape[0]
+        return fn
+
+    for mname, mod in model.named_modules():
+        key = f"{mname}.weight" if mname else "weight"
+        if isinstance(mod, torch.nn.Linear) and (names is None or key in names):
+            hooks.append(mod.register_forward_hook(hook(key)))
+    try:
+        model.eval()
+        with torch.no_grad():
+            for b in batches:
+                model(b)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {k: (sums[k] / counts[k]).float() for k in sums}
