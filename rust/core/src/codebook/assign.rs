@@ -9,7 +9,8 @@
 //!
 //! Scalar codes (d = 1) are bucketized on the midpoints of the sorted
 //! codewords, computed in f64 (a value exactly on a midpoint takes the lower
-//! codeword, as argmin |x − c| with ties to the lower index does). Vector
+//! codeword, as argmin |x − c| with ties to the lower index does; of equal
+//! codewords the lowest index is used). Vector
 //! codes take the nearest codeword by the weighted squared distance.
 
 use rayon::prelude::*;
@@ -129,8 +130,13 @@ fn midpoints(codebooks: &[f32], k: usize) -> Result<Vec<f64>> {
                 c[i + 1]
             )));
         }
-        mids.extend(c.windows(2).map(|w| 0.5 * (w[0] as f64 + w[1] as f64)));
-        mids.push(f64::INFINITY);
+        // Equal codewords: a run takes its lowest index (as argmin does), so
+        // the midpoints inside a run are the run's upper midpoint.
+        let start = mids.len();
+        mids.resize(start + k, f64::INFINITY);
+        for i in (0..k - 1).rev() {
+            mids[start + i] = if c[i] == c[i + 1] { mids[start + i + 1] } else { 0.5 * (c[i] as f64 + c[i + 1] as f64) };
+        }
     }
     Ok(mids)
 }
