@@ -15,6 +15,7 @@ _WHERE = {
     "kmeans": "cluster", "KMeansResult": "cluster",
     "quantize": "codec", "dequantize": "codec",
     "group_rows": "grouping", "row_statistics": "grouping",
+    "CodebookLinear": "modules", "CodebookEmbedding": "modules", "apply_codebook": "modules", "fold_pairs": "modules",
     "learn_codebook": "joint", "capture_inputs": "joint",
 }
 

@@ -6,6 +6,7 @@
 use pyo3::prelude::*;
 
 mod checkpoint;
+mod codebook_linear;
 mod codebook;
 mod cuda;
 mod delta;
@@ -57,6 +58,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(delta::delta_matmul_multi, m)?)?;
     m.add_function(wrap_pyfunction!(delta::delta_hash_name, m)?)?;
     m.add_function(wrap_pyfunction!(delta::delta_content_hash, m)?)?;
+    m.add_function(wrap_pyfunction!(codebook_linear::codebook_linear, m)?)?;
     m.add_function(wrap_pyfunction!(codebook::codebook_kmeans, m)?)?;
     m.add_function(wrap_pyfunction!(codebook::codebook_kmeans_vec, m)?)?;
     m.add_function(wrap_pyfunction!(codebook::codebook_exact_1d, m)?)?;
