@@ -27,6 +27,15 @@ def lloyd(w, k, iters=25):
     return c, torch.bucketize(v, (c[1:] + c[:-1]) / 2).view_as(w)
 
 
+def kmeans_init(w, bits):
+    """ferrox.codebook.kmeans's codebook (the per-tensor k-means start) and
+    the nearest-codeword codes (ties to the lower codeword)."""
+    from ferrox.codebook import kmeans
+
+    c = kmeans(w, bits=bits).codebook.float()
+    return c, torch.bucketize(w.float(), (c[1:] + c[:-1]) / 2)
+
+
 @pytest.fixture(scope="module")
 def minilm_runs():
     from ferrox.testing import minilm
@@ -45,7 +54,7 @@ def minilm_runs():
     out = {}
     for name, rows in MATRICES.items():
         w = mods[name].weight.detach()[:rows].clone()
-        c, q = lloyd(w, 2 ** BITS)
+        c, q = kmeans_init(w, BITS)
         out[name] = {"w": w, "x": x[name], "xh": xh[name], "c": c, "q": q}
         for assign in joint.ASSIGN:
             out[name][assign] = learn_codebook(w, c, q, x[name], steps=STEPS, lr=1e-3, assign=assign,
