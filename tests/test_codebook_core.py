@@ -105,7 +105,7 @@ def test_fast_path_reaches_the_dp_optimum():
         # Weighted: weights per column of a [1, n] tensor are per element.
         rw = kmeans(x.reshape(1, -1), k=k, weights=w)
         assert abs(rw.objective - ref) <= 1e-6 * ref
-    # Above the DP budget (k·m > 2^22): DP on coarse bins + Lloyd. Measured
+    # Above the DP budget (k·m > 2^20): DP on coarse bins + Lloyd. Measured
     # gap on this input ~1e-7; the stated tolerance is 1e-5 relative.
     x = torch.randn(1, 600_000, generator=g)
     r = kmeans(x, k=8)

@@ -4,7 +4,7 @@ its d-dim sub-vectors (vector), computed in the Rust core.
 Scalar: the values are reduced to sorted distinct points with weights (a
 histogram of the 65,536 bit patterns for f16/bf16, one sort for f32); the
 default ``method="auto"`` solves 1-D k-means exactly by dynamic programming
-when k·(distinct values) ≤ 2^22, and otherwise runs the DP on ≤ 2^22/k
+when k·(distinct values) ≤ 2^20, and otherwise runs the DP on ≤ 2^20/k
 equal-count bins of the sorted values and refines that codebook with Lloyd
 iterations on all values (each O(k log m) by binary search of the midpoints).
 ``"lloyd"`` starts from weighted quantiles instead; ``"exact"`` always runs

@@ -64,7 +64,7 @@ fn output<'py>(name: &'static str, obj: &Bound<'py, PyAny>, dtype: DType, shape:
 /// Scalar k-means over all elements of `x` (rows along its last dim;
 /// `col_weight` float32 [row_len] weights each column): writes the `k`
 /// sorted codewords into `out` (float32 [k]). `method`: "auto" (exact DP
-/// when k·distinct ≤ 2^22, else DP on coarse bins refined by Lloyd),
+/// when k·distinct ≤ 2^20, else DP on coarse bins refined by Lloyd),
 /// "lloyd" (from weighted quantiles) or "exact". Returns (objective,
 /// total_weight, iterations, history, exact).
 #[pyfunction]

@@ -30,7 +30,7 @@ use crate::Float;
 /// Elements per histogram / gather task (rows are grouped up to this).
 const TASK_ELEMS: usize = 1 << 20;
 /// `Method::Auto` runs the exact DP when k·m is at most this.
-pub const AUTO_EXACT_WORK: usize = 1 << 22;
+pub const AUTO_EXACT_WORK: usize = 1 << 20;
 
 /// How the codebook is found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
