@@ -9,6 +9,12 @@ run draws the ones it would have drawn.
 Hessian-vector products run in torch (double backward): the closure must have
 called ``loss.backward(create_graph=True)``, so each ``p.grad`` carries its
 graph.
+
+Under ``torch.distributed`` (an initialised process group with more than one
+rank) the per-rank estimates are averaged in one all-reduce per refresh (Hz
+for Hutchinson, ĝ for Gauss–Newton–Bartlett, whose B becomes the global row
+count), so every rank keeps the same Hessian state. The first-order gradient
+must already be the global mean (DDP, or an all-reduce in the closure).
 """
 
 from __future__ import annotations
@@ -33,6 +39,24 @@ def uniforms(n: int, *, seed: int, counter: int, device="cpu") -> torch.Tensor:
     return philox.uniform((n,), seed=seed, stream=counter, offset=(1 << 63), device=device)
 
 
+def world_size() -> int:
+    """Ranks of the default process group (1 when torch.distributed is not initialised)."""
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def mean_across_ranks(tensors):
+    """``tensors`` averaged over the ranks of the default group (one
+    all-reduce of their concatenation); unchanged on a single rank."""
+    w = world_size()
+    if w == 1 or not tensors:
+        return tensors
+    flat = torch.cat([t.reshape(-1).float() for t in tensors])
+    torch.distributed.all_reduce(flat)
+    flat /= w
+    return [c.view_as(t).to(t.dtype) for c, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+
+
 def _graph_grads(params):
     grads = [p.grad for p in params]
     if not any(g is not None and g.requires_grad for g in grads):
@@ -55,7 +79,7 @@ def hutchinson(params, indices, *, seed: int, counter: int):
     by_id = {id(p): h for (_, p, _), h in zip(pairs, hz)}
     hzs = [by_id.get(id(p)) for p in params]
     hzs = [torch.zeros_like(p) if h is None else h.detach() for p, h in zip(params, hzs)]
-    return zs, hzs
+    return zs, mean_across_ranks(hzs)
 
 
 def gauss_newton_bartlett(params, logits: torch.Tensor, *, seed: int, counter: int):
@@ -79,7 +103,7 @@ def gauss_newton_bartlett(params, logits: torch.Tensor, *, seed: int, counter: i
         raise RuntimeError("SophiaG: the graph of the closure's logits was freed; on Hessian steps the closure "
                            "must keep it (loss.backward(create_graph=True) or retain_graph=True)") from e
     gs = [torch.zeros_like(p) if g is None else g.detach().to(p.dtype) for p, g in zip(params, gs)]
-    return gs, b
+    return mean_across_ranks(gs), b * world_size()
 
 
 def spatial_average(d: torch.Tensor) -> torch.Tensor:
