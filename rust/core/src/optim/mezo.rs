@@ -101,9 +101,9 @@ mod tests {
             mezo_pass(&mut got, 5, m);
             let want: Vec<f32> = p0.iter().zip(&z).map(|(&t, &z)| {
                 let mut t = t;
-                if m.restore != 0.0 { t = t + m.restore * z; }
-                if m.decay != 1.0 { t = t * m.decay; }
-                if m.coef != 0.0 { t = t + m.coef * z; }
+                if m.restore != 0.0 { t += m.restore * z; }
+                if m.decay != 1.0 { t *= m.decay; }
+                if m.coef != 0.0 { t += m.coef * z; }
                 t
             }).collect();
             assert_eq!(bits(&got), bits(&want), "{m:?}");
