@@ -150,3 +150,17 @@ def test_cli_errors(folder, tmp_path, capsys):
     # Restoring something that is not a ferrox folder.
     assert cli_main(["restore", str(nan), "--out", str(tmp_path / "z")]) == 1
     assert "codebook" in capsys.readouterr().err
+
+
+def test_calib_token_ids_weight_every_linear(tmp_path):
+    from ferrox.testing.tiny_gpt import TinyGPT, save_pretrained
+
+    save_pretrained(TinyGPT(seed=0), str(tmp_path / "gpt"))
+    save_file({"input_ids": torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(0))},
+              str(tmp_path / "calib.safetensors"))
+    out = tmp_path / "d"
+    assert cli_main(["compress", "codebook", str(tmp_path / "gpt"), "--bits", "3", "--groups", "4", "--calib",
+                     str(tmp_path / "calib.safetensors"), "--out", str(out), "--no-progress", "--quiet"]) == 0
+    recs = CodebookFolder.open(out).tensors
+    quantized = [n for n, r in recs.items() if r["kind"] == "codebook"]
+    assert quantized and all(recs[n]["weighted"] is True for n in quantized)
