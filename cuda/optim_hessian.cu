@@ -52,7 +52,8 @@ __device__ __forceinline__ void adahessian_body(T* p, const T* g, float* m, floa
             v[i] = vv;
         }
         float q = vv / bias_correction2;
-        float den = (power == 1.0f ? sqrtf(q) : powf(q, 0.5f * power)) + eps;
+        // det_pow (philox.cu): libdevice's powf is not reproducible on the CPU.
+        float den = (power == 1.0f ? sqrtf(q) : det_pow(q, 0.5f * power)) + eps;
         float pp = Elem<T>::load(p[i]) * decay;
         m[i] = mm;
         p[i] = Elem<T>::store(pp - step_size * (mm / den));

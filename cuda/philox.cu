@@ -52,6 +52,31 @@ __device__ __forceinline__ float det_ln(float u) {
     return ef * __uint_as_float(0x3f317200u) + (ln_m + ef * __uint_as_float(0x35bfbe8eu));
 }
 
+// philox.rs det_exp / det_pow: the same f32 operations in the same order.
+__device__ __forceinline__ float det_exp(float x) {
+    if (x < -87.0f) return 0.0f;
+    if (x > 88.0f) return __uint_as_float(0x7f800000u);
+    float n = floorf(x * 1.44269504088896341f + 0.5f);
+    float r = (x - n * __uint_as_float(0x3f317200u)) - n * __uint_as_float(0x35bfbe8eu);
+    float p = 1.0f / 40320.0f;
+    p = p * r + 1.0f / 5040.0f;
+    p = p * r + 1.0f / 720.0f;
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    int ni = (int)n;
+    int n1 = ni / 2, n2 = ni - ni / 2;
+    return p * __uint_as_float((u32)(n1 + 127) << 23) * __uint_as_float((u32)(n2 + 127) << 23);
+}
+
+__device__ __forceinline__ float det_pow(float q, float e) {
+    if (q < 1.17549435e-38f) return 0.0f;
+    return det_exp(e * det_ln(q));
+}
+
 __device__ __forceinline__ void det_sincos_2pi(float u, float* sin_out, float* cos_out) {
     float q = floorf(u * 4.0f + 0.5f);
     float r = u - q * 0.25f;

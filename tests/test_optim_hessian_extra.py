@@ -116,6 +116,25 @@ def test_mezo_trains_under_bf16_autocast():
     assert final < 0.96 * start, (start, final)
 
 
+def test_mezo_step_inside_an_autocast_region_sees_its_perturbations():
+    # autocast caches the bf16 cast of each leaf weight for its whole region;
+    # MeZO.step clears that cache after every in-place pass, so a step taken
+    # inside `with autocast():` still evaluates the perturbed weights.
+    model = _mlp()
+    opt = MeZO(model.parameters(), lr=0.05, eps=0.05, n_probes=4, seed=0)
+    x, y = _data()
+
+    def closure():
+        return nn.functional.cross_entropy(model(x), y)
+
+    nonzero = 0
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for _ in range(5):
+            opt.step(closure)
+            nonzero += sum(g != 0.0 for g in opt.last_projected_grads)
+    assert nonzero >= 16  # of 20 probes (without the cache clear: all 0)
+
+
 # ------------------------------------------------------------ distributed
 
 WORLD = 2

@@ -272,12 +272,16 @@ class MeZO(Optimizer):
         first = []
 
         def probe(j, s, plus, minus):
+            # autocast keeps one low-precision copy of each weight for its whole
+            # region: after an in-place pass it would serve the old weights.
             plus()
+            torch.clear_autocast_cache()
             out = closure()
             lp = _loss_value(out)
             if j == 0:
                 first.append(out)
             minus()
+            torch.clear_autocast_cache()
             lm = _loss_value(closure())
             self.count("probes")
             g = (lp - lm) / (2 * self.eps)

@@ -6,8 +6,8 @@
 use pyo3::prelude::*;
 
 mod checkpoint;
-mod codebook_linear;
 mod codebook;
+mod codebook_linear;
 mod cuda;
 mod delta;
 mod error;
@@ -58,7 +58,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(delta::delta_matmul_multi, m)?)?;
     m.add_function(wrap_pyfunction!(delta::delta_hash_name, m)?)?;
     m.add_function(wrap_pyfunction!(delta::delta_content_hash, m)?)?;
-    m.add_function(wrap_pyfunction!(codebook_linear::codebook_linear, m)?)?;
     m.add_function(wrap_pyfunction!(codebook::codebook_kmeans, m)?)?;
     m.add_function(wrap_pyfunction!(codebook::codebook_kmeans_vec, m)?)?;
     m.add_function(wrap_pyfunction!(codebook::codebook_exact_1d, m)?)?;
@@ -66,6 +65,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(codebook::codebook_assign, m)?)?;
     m.add_function(wrap_pyfunction!(codebook::codebook_decode, m)?)?;
     m.add_function(wrap_pyfunction!(codebook::codebook_row_stats, m)?)?;
+    m.add_function(wrap_pyfunction!(codebook_linear::codebook_linear, m)?)?;
     m.add_function(wrap_pyfunction!(importance::mle_gradient, m)?)?;
     m.add_function(wrap_pyfunction!(importance::mle_sampled_gradient, m)?)?;
     m.add_function(wrap_pyfunction!(importance::mle_sample_count, m)?)?;

@@ -73,7 +73,7 @@ const SOURCES: &[Source] = &[
     // MeZO's fused perturb/restore/update pass regenerates z with philox.cu's normals.
     Source { name: "mezo.cu", prelude: PHILOX_CU, text: include_str!("../../../../cuda/mezo.cu"), kernels: crate::optim::mezo_cuda::KERNELS },
     // Sophia / AdaHessian state updates, launched by crate::optim::hessian_cuda.
-    Source { name: "optim_hessian.cu", prelude: "", text: include_str!("../../../../cuda/optim_hessian.cu"), kernels: crate::optim::hessian_cuda::KERNELS },
+    Source { name: "optim_hessian.cu", prelude: PHILOX_CU, text: include_str!("../../../../cuda/optim_hessian.cu"), kernels: crate::optim::hessian_cuda::KERNELS },
     // MKOR's fused inverse-factor update, launched by crate::optim::mkor_cuda.
     Source { name: "mkor.cu", prelude: "", text: include_str!("../../../../cuda/mkor.cu"), kernels: crate::optim::mkor_cuda::KERNELS },
 ];

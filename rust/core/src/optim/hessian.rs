@@ -139,7 +139,7 @@ pub(crate) fn adahessian1<const SQRT: bool>(a: &AdaHessian, d: Option<f32>, p: f
     };
     let q = v / a.bias_correction2;
     // k = 1 (the default) is a square root, correctly rounded on both sides.
-    let den = (if SQRT { q.sqrt() } else { q.powf(0.5 * a.power) }) + a.eps;
+    let den = (if SQRT { q.sqrt() } else { crate::philox::det_pow(q, 0.5 * a.power) }) + a.eps;  // bitwise the GPU's
     let p = p * a.decay;
     (p - a.step_size * (m / den), m, v, positive)
 }

@@ -157,7 +157,7 @@ mod sim {
     use crate::test_rng::XorShift;
     use crate::Float;
 
-    const SOURCES: &[&str] = &[include_str!("../../../../cuda/optim_hessian.cu")];
+    const SOURCES: &[&str] = &[include_str!("../../../../cuda/philox.cu"), include_str!("../../../../cuda/optim_hessian.cu")];
 
     const DISPATCH: &str = r#"
 #define IP(i, T) (*(T*)params[i])

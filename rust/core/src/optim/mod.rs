@@ -6,9 +6,9 @@
 pub mod hessian;
 #[cfg(feature = "cuda")]
 pub mod hessian_cuda;
+pub mod mkor;
 pub mod mezo;
 #[cfg(feature = "cuda")]
 pub mod mezo_cuda;
-pub mod mkor;
 #[cfg(feature = "cuda")]
 pub mod mkor_cuda;

@@ -1,5 +1,5 @@
 //! Bindings of `ferrox_core::optim`: one file per optimizer family.
 
 pub mod hessian;
-pub mod mkor;
 pub mod mezo;
+pub mod mkor;
