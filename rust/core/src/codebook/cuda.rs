@@ -3,11 +3,10 @@
 //! The host simulation below runs the same source as host C++ and checks it
 //! bit for bit against the CPU kernel ([`super::linear`]).
 
-use std::ffi::c_void;
 
 use super::linear::CodebookDims;
 use crate::cuda::{arg, check_ptr};
-use crate::delta::cuda::Launch;
+use crate::delta::cuda::{Cuda, Launch};
 use crate::error::{Error, Result};
 use crate::DType;
 
@@ -20,20 +19,6 @@ const ROWS_PER_BLOCK: usize = 8;
 const BATCH_PER_BLOCK: usize = 8;
 /// Grid cap in blocks per multiprocessor; the kernel loops over the rest.
 const BLOCKS_PER_SM: u32 = 16;
-
-struct Cuda {
-    ordinal: i32,
-    stream: u64,
-}
-
-impl Launch for Cuda {
-    fn multiprocessors(&self) -> Result<u32> {
-        crate::cuda::multiprocessors(self.ordinal)
-    }
-    unsafe fn launch(&self, kernel: &'static str, grid: u32, block: u32, params: &mut [*mut c_void]) -> Result<()> {
-        crate::cuda::launch_grid(self.ordinal, self.stream, kernel, grid, block, params)
-    }
-}
 
 /// One codebook linear on device pointers (0 for an absent optional one).
 #[derive(Clone, Copy, Debug)]

@@ -31,9 +31,10 @@ pub(crate) trait Launch {
     unsafe fn launch(&self, kernel: &'static str, grid: u32, block: u32, params: &mut [*mut c_void]) -> Result<()>;
 }
 
-struct Cuda {
-    ordinal: i32,
-    stream: u64,
+/// A real device and stream: the `Launch` every module's CUDA launch code uses.
+pub(crate) struct Cuda {
+    pub(crate) ordinal: i32,
+    pub(crate) stream: u64,
 }
 
 impl Launch for Cuda {

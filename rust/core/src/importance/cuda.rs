@@ -8,7 +8,7 @@
 //! [`KERNELS`].
 
 use crate::cuda::{arg, check_ptr};
-use crate::delta::cuda::Launch;
+use crate::delta::cuda::{Cuda, Launch};
 use crate::error::{Error, Result};
 use crate::DType;
 
@@ -20,20 +20,6 @@ const THREADS: u32 = 256;
 const ROWS_PER_BLOCK: usize = 4;
 /// Grid cap in blocks per multiprocessor (one full wave); the kernel loops.
 const BLOCKS_PER_SM: u32 = 8;
-
-struct Cuda {
-    ordinal: i32,
-    stream: u64,
-}
-
-impl Launch for Cuda {
-    fn multiprocessors(&self) -> Result<u32> {
-        crate::cuda::multiprocessors(self.ordinal)
-    }
-    unsafe fn launch(&self, kernel: &'static str, grid: u32, block: u32, params: &mut [*mut std::ffi::c_void]) -> Result<()> {
-        crate::cuda::launch_grid(self.ordinal, self.stream, kernel, grid, block, params)
-    }
-}
 
 /// One projection on device pointers.
 #[derive(Clone, Copy, Debug)]

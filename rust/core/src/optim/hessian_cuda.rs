@@ -8,7 +8,7 @@
 
 use super::hessian::{AdaHessian, Refresh, Sophia};
 use crate::cuda::{arg, check_ptr};
-use crate::delta::cuda::Launch;
+use crate::delta::cuda::{Cuda, Launch};
 use crate::error::{Error, Result};
 use crate::DType;
 
@@ -19,20 +19,6 @@ pub const KERNELS: &[&str] = &[
 ];
 const THREADS: u32 = 256;
 const BLOCKS_PER_SM: u32 = 8;
-
-struct Cuda {
-    ordinal: i32,
-    stream: u64,
-}
-
-impl Launch for Cuda {
-    fn multiprocessors(&self) -> Result<u32> {
-        crate::cuda::multiprocessors(self.ordinal)
-    }
-    unsafe fn launch(&self, kernel: &'static str, grid: u32, block: u32, params: &mut [*mut std::ffi::c_void]) -> Result<()> {
-        crate::cuda::launch_grid(self.ordinal, self.stream, kernel, grid, block, params)
-    }
-}
 
 /// Device pointers of one parameter's tensors (0 where absent).
 #[derive(Clone, Copy, Debug, Default)]

@@ -8,27 +8,13 @@
 
 use super::mezo::MezoPass;
 use crate::cuda::{arg, check_ptr};
-use crate::delta::cuda::Launch;
+use crate::delta::cuda::{Cuda, Launch};
 use crate::error::Result;
 
 /// The kernels `cuda/mezo.cu` defines.
 pub const KERNELS: &[&str] = &["mezo_pass_f32"];
 const THREADS: u32 = 256;
 const BLOCKS_PER_SM: u32 = 8;
-
-struct Cuda {
-    ordinal: i32,
-    stream: u64,
-}
-
-impl Launch for Cuda {
-    fn multiprocessors(&self) -> Result<u32> {
-        crate::cuda::multiprocessors(self.ordinal)
-    }
-    unsafe fn launch(&self, kernel: &'static str, grid: u32, block: u32, params: &mut [*mut std::ffi::c_void]) -> Result<()> {
-        crate::cuda::launch_grid(self.ordinal, self.stream, kernel, grid, block, params)
-    }
-}
 
 /// One f32 parameter tensor on the device: `n` elements at `ptr`, tensor
 /// index `stream` (the Philox stream of its z).

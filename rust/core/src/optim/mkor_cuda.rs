@@ -4,7 +4,7 @@
 //! update keeps them exactly symmetric); the host simulation below checks it.
 
 use crate::cuda::{arg, check_ptr};
-use crate::delta::cuda::Launch;
+use crate::delta::cuda::{Cuda, Launch};
 use crate::error::{Error, Result};
 use crate::optim::mkor::Spec;
 use crate::DType;
@@ -15,20 +15,6 @@ pub const KERNELS: &[&str] = &["mkor_rank1_f32", "mkor_rank1_f16", "mkor_rank1_b
 const THREADS: u32 = 256;
 /// Grid cap in blocks per multiprocessor; the kernel loops over factors.
 const BLOCKS_PER_SM: u32 = 8;
-
-struct Cuda {
-    ordinal: i32,
-    stream: u64,
-}
-
-impl Launch for Cuda {
-    fn multiprocessors(&self) -> Result<u32> {
-        crate::cuda::multiprocessors(self.ordinal)
-    }
-    unsafe fn launch(&self, kernel: &'static str, grid: u32, block: u32, params: &mut [*mut std::ffi::c_void]) -> Result<()> {
-        crate::cuda::launch_grid(self.ordinal, self.stream, kernel, grid, block, params)
-    }
-}
 
 /// One grouped update on device pointers.
 #[derive(Clone, Copy, Debug)]
