@@ -210,6 +210,23 @@ def _gram(x, cols: int, what: str):
     return input_gram(x)
 
 
+def _gram_of(inputs, gram, cols: int, what: str):
+    """The (symmetrised, float32) Gram matrix from inputs or given directly."""
+    import torch
+
+    if (inputs is None) == (gram is None):
+        raise ValueError(f"{what}: give exactly one of {what}_inputs and {what}_gram")
+    if inputs is not None:
+        return _gram(inputs, cols, f"{what}_inputs")
+    if not torch.is_tensor(gram) or tuple(gram.shape) != (cols, cols) or not gram.is_floating_point():
+        raise ValueError(f"{what}_gram: expected a float tensor [{cols}, {cols}], got "
+                         f"{tuple(gram.shape) if torch.is_tensor(gram) else type(gram).__name__}")
+    h = gram.detach().double().cpu()
+    if not bool(torch.isfinite(h).all()):
+        raise ValueError(f"{what}_gram: non-finite values")
+    return ((h + h.T) / 2).float()
+
+
 def _nearest(codebook, v, row_group):
     """Index of the nearest codeword of each v (ties to the lower one):
     bucketize on the midpoints of each row's sorted codebook."""
@@ -303,9 +320,9 @@ def _sort_codebook(codebook, codes, row_group):
     return torch.gather(codebook, 1, order), torch.gather(inverse[row_group], 1, codes)
 
 
-def learn_codebook(weight, codebook, codes, calib_inputs, *, group_offsets=None, scales=None, steps: int = 100,
+def learn_codebook(weight, codebook, codes, calib_inputs=None, *, group_offsets=None, scales=None, steps: int = 100,
                    lr: float = 1e-3, assign: str = "proximal", assign_lr: float = 0.1, learn_scales: bool = True,
-                   heldout_inputs=None, progress: Optional[bool] = None):
+                   heldout_inputs=None, calib_gram=None, heldout_gram=None, progress: Optional[bool] = None):
     """Jointly learns the codewords, row scales and assignments of one
     quantized weight on calibration inputs (see the module docstring for the
     objective and the two assignment rules).
@@ -315,7 +332,10 @@ def learn_codebook(weight, codebook, codes, calib_inputs, *, group_offsets=None,
     integers in 0..K−1 (unpacked; rows in ``weight``'s order);
     ``group_offsets`` int [G+1] (None: one group); ``scales`` [out] (None:
     ones); ``calib_inputs``: the layer's inputs [..., in] (``heldout_inputs``
-    likewise, only measured). ``lr``: Adam's step for the codewords
+    likewise, only measured); or, instead of the inputs, their Gram matrices
+    ``calib_gram`` / ``heldout_gram`` H = XᵀX / n [in, in] (what the loss
+    needs; see ``input_gram``), so a caller can accumulate them batch by
+    batch without keeping the inputs. ``lr``: Adam's step for the codewords
     in units of their group's weight RMS (and for the scales, absolute);
     ``assign_lr``: the latent step η in units of the mean codeword gap
     (0 freezes the assignments); ``learn_scales=False`` keeps the scales.
@@ -339,8 +359,9 @@ def learn_codebook(weight, codebook, codes, calib_inputs, *, group_offsets=None,
     codebook, codes, group_offsets, scales = _check_inputs(weight, codebook, codes, group_offsets, scales)
     w = weight.detach().float().cpu()
     rows, cols = w.shape
-    gram = _gram(calib_inputs, cols, "calib_inputs")
-    held = None if heldout_inputs is None else _gram(heldout_inputs, cols, "heldout_inputs")
+    gram = _gram_of(calib_inputs, calib_gram, cols, "calib")
+    held = None if heldout_inputs is None and heldout_gram is None else _gram_of(heldout_inputs, heldout_gram, cols,
+                                                                                   "heldout")
     g, k = codebook.shape
     row_group = torch.repeat_interleave(torch.arange(g), (group_offsets[1:] - group_offsets[:-1]))
     codebook, codes = _sort_codebook(codebook, codes, row_group)
@@ -387,15 +408,17 @@ def learn_codebook(weight, codebook, codes, calib_inputs, *, group_offsets=None,
         opt.zero_grad(set_to_none=True)
         lat = latent.clone().requires_grad_(True)
         w_hat = decode(cb, sc, lat, idx, up_gap, down_gap, mean_gap, assign == "proximal")
-        e = w - w_hat
-        loss = ((e @ gram) * e).sum() / denom
-        value = float(loss.detach())
+        # One matmul a step: with H symmetric, ∂L/∂Ŵ = −2·E·H / tr(W H Wᵀ),
+        # and E·H also gives the loss (autograd through (E·H)∘E takes two).
+        e = w - w_hat.detach()
+        eh = e @ gram
+        value = float((eh * e).sum()) / denom
         stats.loss.append(value)
         if best_loss is None or value < best_loss:
             best_loss, best, stats.best_step = value, snapshot(), step
         if step == steps:
             break
-        loss.backward()
+        w_hat.backward(eh.mul_(-2.0 / denom))
         g_v = lat.grad
         rms = float(g_v.pow(2).mean().sqrt())
         with torch.no_grad():
