@@ -27,7 +27,7 @@ import json
 import os
 import time
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict, Mapping, Optional
 
 from .. import checkpoint as ckpt
 from .. import dtypes
@@ -304,9 +304,9 @@ def column_statistics(model, batches, names=None) -> Dict[str, "object"]:
 def input_grams(model, batches, names=None, *, progress: Optional[bool] = None) -> Dict[str, "object"]:
     """The input Gram matrix H = XᵀX / n (float32 [in, in], accumulated in
     float64 batch by batch) of every ``nn.Linear`` of ``model`` over the
-    calibration ``batches`` (token-id tensors passed to ``model``), keyed by
-    the weight's state-dict name (``MODULE.weight``); ``names`` limits it.
-    Memory: Σ in² × 8 bytes over those Linears (the inputs are not kept).
+    calibration ``batches`` (token-id tensors passed to ``model``; a mapping
+    is passed as ``model(**batch)``), keyed by the weight's state-dict name
+    (``MODULE.weight``); ``names`` limits it. Memory: Σ in² × 8 bytes over those Linears (the inputs are not kept).
     Its diagonal is ``column_statistics``."""
     import torch
     from tqdm import tqdm
@@ -333,7 +333,10 @@ def input_grams(model, batches, names=None, *, progress: Optional[bool] = None) 
         with torch.no_grad():
             for b in tqdm(batches, desc="ferrox codebook calibration", unit="batch",
                           disable=None if progress is None else not progress):
-                model(b)
+                if isinstance(b, Mapping):
+                    model(**b)
+                else:
+                    model(b)
     finally:
         for h in hooks:
             h.remove()
