@@ -151,3 +151,36 @@ def test_calib_options_and_errors(gpt, tmp_path, capsys):
     with pytest.raises(ValueError, match=r"q_proj.*\[128, 128\]"):
         compress(gpt["base"], 3, tmp_path / "y", grams={k: torch.eye(64) for k in h}, select=sel[1], progress=False)
     assert not (tmp_path / "y").exists()
+
+
+def test_minilm_attention_calib_groups8_held_out_output_error_at_most_0_8x(tmp_path):
+    """The same bound on the embedded MiniLM (the attention matrices of its
+    first and last layers, to keep the test short) through the library:
+    calibration on 32 "statements" training sentences, held out on the
+    "datamodel" held-out sentences."""
+    from ferrox.codebook.compress import compress
+    from ferrox.models import default_model_path
+    from ferrox.testing import minilm
+
+    model, tok = minilm.load()
+    select = "encoder.layer.5.attention.*"
+    names = {f"{n}.weight" for n, m in model.named_modules()
+             if isinstance(m, torch.nn.Linear) and n.startswith("encoder.layer.5.attention.")}
+    train = [a for a, _ in minilm.sentence_pairs("statements")][:32]
+    held = [a for a, _ in minilm.sentence_pairs("datamodel", heldout=True)][:32]
+    grams = input_grams(model, [minilm.tokenize(tok, train[i:i + 16]) for i in (0, 16)], names)
+    held_grams = input_grams(model, [minilm.tokenize(tok, held[i:i + 16]) for i in (0, 16)], names)
+    src = default_model_path()
+    plain = restore(compress(src, BITS, tmp_path / "plain", select=select, progress=False))
+    calib = restore(compress(src, BITS, tmp_path / "calib", groups=GROUPS, grams=grams, select=select,
+                             progress=False))
+    w0 = dict(model.state_dict())
+    assert len(names) == 4 and names <= set(grams)
+    e_plain = {n: output_error(w0[n].float(), plain[n].float(), held_grams[n]) for n in names}
+    e_calib = {n: output_error(w0[n].float(), calib[n].float(), held_grams[n]) for n in names}
+    ratio = sum(e_calib.values()) / sum(e_plain.values())
+    print(f"MiniLM held-out layer-output error over {len(names)} attention matrices: plain k-means "
+          f"{sum(e_plain.values()) / len(names):.5f}, --calib --groups {GROUPS} "
+          f"{sum(e_calib.values()) / len(names):.5f}: ratio {ratio:.3f} (per matrix "
+          f"{min(e_calib[n] / e_plain[n] for n in names):.3f}..{max(e_calib[n] / e_plain[n] for n in names):.3f})")
+    assert ratio <= OUTPUT_ERROR_RATIO
