@@ -39,7 +39,7 @@ DEFAULT_EXCLUDE = ("*embed*", "*lm_head*", "*norm*")
 #: Defaults of calibrated (joint) learning: steps, Adam step of the
 #: codewords (in units of the group's weight RMS) and scales, latent step of
 #: the proximal STE (in mean codeword gaps).
-CALIB_STEPS, CALIB_LR, ASSIGN_LR = 50, 1e-3, 0.01
+CALIB_STEPS, CALIB_LR, ASSIGN_LR = 30, 1e-3, 0.01
 #: Placeholder of a per-tensor error in the header, patched once known
 #: (a JSON float's repr is at most 24 characters).
 _ERROR_PLACEHOLDER = "?" * 24
