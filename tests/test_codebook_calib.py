@@ -184,3 +184,27 @@ def test_minilm_attention_calib_groups8_held_out_output_error_at_most_0_8x(tmp_p
           f"{sum(e_calib.values()) / len(names):.5f}: ratio {ratio:.3f} (per matrix "
           f"{min(e_calib[n] / e_plain[n] for n in names):.3f}..{max(e_calib[n] / e_plain[n] for n in names):.3f})")
     assert ratio <= OUTPUT_ERROR_RATIO
+
+
+def test_a_layer_with_zero_output_keeps_its_weighted_kmeans(tmp_path):
+    """A Linear whose calibration inputs are all zero has nothing to fit: it
+    is stored as its weighted k-means (unit row scales), the others learn."""
+    from safetensors.torch import load_file
+
+    from ferrox.codebook import dequantize, quantize
+    from ferrox.codebook.compress import compress
+
+    g = torch.Generator().manual_seed(0)
+    sd = {"a.weight": torch.randn(16, 32, generator=g), "b.weight": torch.randn(16, 32, generator=g)}
+    save_file(sd, str(tmp_path / "m.safetensors"))
+    x = torch.randn(256, 32, generator=g)
+    grams = {"a.weight": torch.zeros(32, 32), "b.weight": input_gram(x)}
+    folder = compress(tmp_path / "m.safetensors", 2, tmp_path / "d", grams=grams, progress=False)
+    q, _ = load(folder.path)
+    assert torch.equal(q["a.weight"].row_scale, torch.ones(16))
+    # a zero Gram weights every column 0: the k-means of the unweighted weight is the reference
+    ref = dequantize(quantize(load_file(str(tmp_path / "m.safetensors"))["a.weight"], 2,
+                              weights=torch.zeros(32)))
+    assert torch.equal(dequantize(q["a.weight"]), ref)
+    rec = folder.tensors["b.weight"]
+    assert rec["calib_output_error"] < rec["calib_output_error_kmeans"]

@@ -228,6 +228,11 @@ def _learn(w, q, gram, steps, lr, assign_lr, assign, learn_scales):
     before = output_error(wf, dequantize(q, torch.float32), h)
     if steps == 0:
         return q, before, before
+    if not float(((wf.double() @ h.double()) * wf.double()).sum()) > 0:
+        # the layer's output is zero on the calibration data: nothing to fit,
+        # so the weighted k-means result stays (unit scales, as planned)
+        q.row_scale = torch.ones(q.shape[0]) if learn_scales else None
+        return q, before, before
     perm = None if q.perm is None else q.perm.long()
     wp = wf if perm is None else wf[perm]
     cb, codes, scales, stats = learn_codebook(wp, q.codebooks[..., 0], unpacked(q), calib_gram=h,

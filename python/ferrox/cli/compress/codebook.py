@@ -136,6 +136,9 @@ def run(args) -> int:
         sel = selection(args.select)
         names = {t.name for t in checkpoint.read_checkpoint(args.model).tensors if sel(t.name, t.dtype, t.shape)}
         grams = calibration_grams(args.calib, args.model, args.batch_size, names, _common.progress(args))
+        if grams is not None and not grams:
+            raise ValueError(f"{args.calib}: the calibration run reached no nn.Linear whose weight is a selected "
+                             f"matrix of {args.model} (module names differ from the checkpoint's?)")
         if grams is None:
             weights = _column_weights(args.calib, _load_calib(args.calib))
         elif args.vector_dim > 1 or args.calib_steps == 0:
