@@ -18,10 +18,12 @@ parameter; pytorch-optimizer also keeps the Hessian estimate between steps).
 
 ``python benches/bench_optim.py --time-to-target [--quick]``: steps and
 seconds to a target loss on scikit-learn digits (MLP) and on the tiny GPT
-(byte-level, a local synthetic corpus), for SophiaH, SophiaG, AdaHessian,
-AdamW and SGD-momentum (LRs from a small grid, best per optimizer).
+(byte-level, a local synthetic corpus), 3 seeds, for MKOR, SophiaH, SophiaG,
+AdaHessian, AdamW and SGD-momentum, each at its best LR of a grid (see
+``time_to_target``); results in benches/results/optim_time_to_target.md.
 """
 
+import math
 import sys
 import time
 
@@ -167,18 +169,34 @@ def _corpus(n_bytes=1 << 15):
     return torch.tensor(list(out[:n_bytes]), dtype=torch.long)
 
 
-def _optimizers():
-    from ferrox.optim import AdaHessian, SophiaG, SophiaH
-    return {
-        "SophiaH": (lambda ps, lr: SophiaH(ps, lr=lr, weight_decay=0.0, update_period=5), [3e-3, 1e-2, 3e-2]),
-        "SophiaG": (lambda ps, lr: SophiaG(ps, lr=lr, weight_decay=0.0, update_period=5), [3e-3, 1e-2, 3e-2]),
-        "AdaHessian": (lambda ps, lr: AdaHessian(ps, lr=lr), [0.03, 0.1, 0.3]),
-        "AdamW": (lambda ps, lr: torch.optim.AdamW(ps, lr=lr, weight_decay=0.0), [1e-3, 3e-3, 1e-2]),
-        "SGD-momentum": (lambda ps, lr: torch.optim.SGD(ps, lr=lr, momentum=0.9), [0.03, 0.1, 0.3]),
+SECOND_ORDER = ("SophiaH", "SophiaG", "AdaHessian")
+
+
+def _optimizers(quick):
+    """name -> (factory(model, lr), LR grid): 3 LRs a factor ~3 apart around
+    each optimizer's usual range (quick: the middle one)."""
+    from ferrox.optim import MKOR, AdaHessian, SophiaG, SophiaH
+    table = {
+        # MKOR rescales its step to the gradient's norm: SGD-momentum's grid.
+        "MKOR": (lambda m, lr: MKOR(m.parameters(), model=m, lr=lr, momentum=0.9), [0.03, 0.1, 0.3]),
+        "SophiaH": (lambda m, lr: SophiaH(m.parameters(), lr=lr, weight_decay=0.0, update_period=5), [3e-3, 1e-2, 3e-2]),
+        "SophiaG": (lambda m, lr: SophiaG(m.parameters(), lr=lr, weight_decay=0.0, update_period=5), [3e-3, 1e-2, 3e-2]),
+        "AdaHessian": (lambda m, lr: AdaHessian(m.parameters(), lr=lr), [0.03, 0.1, 0.3]),
+        "AdamW": (lambda m, lr: torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=0.0), [3e-3, 1e-2, 3e-2]),
+        "SGD-momentum": (lambda m, lr: torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9), [0.03, 0.1, 0.3]),
     }
+    return {k: (make, lrs[1:2] if quick else lrs) for k, (make, lrs) in table.items()}
+
+
+TTT_TASKS = {
+    "digits": "scikit-learn digits (1797×64, full batch), MLP 64-32-10 (tanh), train cross-entropy",
+    "tiny-gpt": "ferrox.testing.tiny_gpt (dim 32, 1 layer, 2 heads, ffn 64), byte-level, local word corpus "
+                "(32 KiB), batch 8×32, a fresh batch each step (seeded by step), train cross-entropy of that batch",
+}
 
 
 def _task(name, quick):
+    """(model(seed), batch(step), target loss, step budget) of a time-to-target task."""
     if name == "digits":
         x, y = _digits()
 
@@ -205,48 +223,141 @@ def _task(name, quick):
     return model, batch, 2.5, (60 if quick else 300)
 
 
-def time_to_target(quick=False):
+def _run_to_target(name, make, lr, make_model, batch, target, max_steps, seed):
+    """Steps and seconds until the step's loss is below target (None: not
+    within max_steps), the last loss and the seconds per step."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    seeds = [0] if quick else [0, 1, 2]
-    rows = []
-    for task in ("digits", "tiny-gpt"):
-        make_model, batch, target, max_steps = _task(task, quick)
-        for name, (make, lrs) in _optimizers().items():
-            best = None
-            for lr in (lrs[1:2] if quick else lrs):
-                hits = []
-                for seed in seeds:
-                    model = make_model(seed)
-                    opt = make(model.parameters(), lr)
-                    second = name in ("SophiaH", "SophiaG", "AdaHessian")
-                    t0, hit = time.perf_counter(), None
-                    for step in range(max_steps):
-                        x, y = batch(step)
+    model = make_model(seed)
+    opt = make(model, lr)
+    second = name in SECOND_ORDER
+    t0, hit, loss = time.perf_counter(), None, float("nan")
+    for step in range(max_steps):
+        x, y = batch(step)
 
-                        def closure():
-                            opt.zero_grad()
-                            logits = model(x)
-                            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
-                            loss.backward(create_graph=second)
-                            return (loss, logits) if name == "SophiaG" else loss
-                        with sdpa_kernel(SDPBackend.MATH):  # double backward needs the math attention path
-                            out = opt.step(closure)
-                        loss = float(out[0] if isinstance(out, tuple) else out)
-                        if loss < target:
-                            hit = (step + 1, time.perf_counter() - t0)
-                            break
-                    hits.append(hit)
-                done = [h for h in hits if h is not None]
-                score = (len(done), -sum(h[0] for h in done) / max(1, len(done)))
-                if best is None or score > best[0]:
-                    best = (score, lr, hits)
-            _, lr, hits = best
-            done = [h for h in hits if h is not None]
-            rows.append({"task": task, "optimizer": name, "lr": lr, "target": target, "reached": f"{len(done)}/{len(hits)}",
-                         "mean_steps": sum(h[0] for h in done) / len(done) if done else None,
-                         "mean_seconds": sum(h[1] for h in done) / len(done) if done else None})
-            print(rows[-1], flush=True)
-    return rows
+        def closure():
+            opt.zero_grad()
+            logits = model(x)
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+            loss.backward(create_graph=second)
+            return (loss, logits) if name == "SophiaG" else loss
+        with sdpa_kernel(SDPBackend.MATH):  # double backward needs the math attention path
+            out = opt.step(closure)
+        loss = float((out[0] if isinstance(out, tuple) else out).detach())
+        if not math.isfinite(loss):
+            break
+        if loss < target:
+            hit = step + 1
+            break
+    wall = time.perf_counter() - t0
+    steps_run = hit if hit is not None else step + 1
+    return {"seed": seed, "steps": hit, "seconds": wall if hit is not None else None, "last_loss": loss,
+            "s_per_step": wall / steps_run}
+
+
+def _mean(xs):
+    return sum(xs) / len(xs) if xs else None
+
+
+MAX_EXTENSIONS = 2
+
+
+def time_to_target(quick=False, tasks=("digits", "tiny-gpt"), only=None):
+    """Every optimizer at every LR of its grid on every seed; the tuned LR is
+    the one reaching the target on the most seeds, then in the fewest mean
+    steps. While the tuned LR is at an edge of the grid (and strictly better
+    than its neighbour), the grid grows past that edge by its ratio, at most
+    MAX_EXTENSIONS times. Returns {"runs": [...], "best": [...]}."""
+    seeds = [0] if quick else [0, 1, 2]
+    runs, best = [], []
+    for task in tasks:
+        make_model, batch, target, max_steps = _task(task, quick)
+        for name, (make, lrs) in _optimizers(quick).items():
+            if only and name not in only:
+                continue
+            def score(r):
+                return (r["reached"], -(r["mean_steps"] or 0))
+            per_lr = {}
+            todo, extended = list(lrs), 0
+            while todo:
+                lr = todo.pop(0)
+                hits = [_run_to_target(name, make, lr, make_model, batch, target, max_steps, s) for s in seeds]
+                done = [h for h in hits if h["steps"] is not None]
+                row = {"task": task, "optimizer": name, "lr": lr, "target": target, "max_steps": max_steps,
+                       "reached": len(done), "seeds": len(seeds), "runs": hits,
+                       "mean_steps": _mean([h["steps"] for h in done]),
+                       "mean_seconds": _mean([h["seconds"] for h in done]),
+                       "s_per_step": _mean([h["s_per_step"] for h in hits])}
+                runs.append(row)
+                per_lr[lr] = row
+                print(f"{task} {name} lr={lr:g}: {len(done)}/{len(seeds)} reached, mean steps {row['mean_steps']}, "
+                      f"{row['s_per_step'] * 1e3:.1f} ms/step", flush=True)
+                if todo or extended == MAX_EXTENSIONS or len(per_lr) < 2:
+                    continue
+                # A best LR at the edge of the grid is not tuned: one more LR
+                # beyond that edge, at the grid's ratio.
+                tried = sorted(per_lr)
+                top = max(tried, key=lambda x: score(per_lr[x]))
+                if score(per_lr[top]) == score(per_lr[tried[-2 if top == tried[-1] else 1]]):
+                    continue
+                if top == tried[-1]:
+                    todo.append(float(f"{tried[-1] * tried[-1] / tried[-2]:.2g}"))
+                elif top == tried[0]:
+                    todo.append(float(f"{tried[0] * tried[0] / tried[1]:.2g}"))
+                extended += bool(todo)
+            best.append(max(per_lr.values(), key=score))
+    return {"runs": runs, "best": best}
+
+
+def _fmt(x, spec):
+    return "—" if x is None else format(x, spec)
+
+
+def write_time_to_target(res, quick, out_dir):
+    """benches/results/optim_time_to_target.{md,json}."""
+    import json
+    import os
+    import platform
+    import subprocess
+    stem = os.path.join(out_dir, "optim_time_to_target" + ("_quick" if quick else ""))
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    meta = {"quick": quick, "commit": commit, "cpus": os.cpu_count(), "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+            "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "tasks": TTT_TASKS,
+            "lr_grids": {k: v[1] for k, v in _optimizers(quick).items()}}
+    with open(stem + ".json", "w") as f:
+        json.dump({"meta": meta, **res}, f, indent=1)
+    seeds = res["best"][0]["seeds"] if res["best"] else 0
+    lines = [f"## optim: time to target loss{' (quick)' if quick else ''}", "",
+             f"{seeds} seeds (model init; the tiny-GPT batches are the same for every run), each optimizer at every LR of "
+             "its grid; the tuned LR reaches the target on the most seeds, then in the fewest mean steps; a grid whose "
+             f"best LR sat at an edge was extended past it by the grid's ratio (at most {MAX_EXTENSIONS} LRs). "
+             "Steps and wall-clock are means over the seeds that reached the target (wall-clock includes the "
+             "closure's forward/backward; the Hessian-based optimizers run `backward(create_graph=True)`). "
+             f"Shared, loaded {os.cpu_count()}-core box (other jobs running): seconds are noisy, steps are not. "
+             f"Commit {commit}, torch {torch.__version__}, {torch.get_num_threads()} torch threads.", ""]
+    for task, desc in TTT_TASKS.items():
+        rows = [r for r in res["best"] if r["task"] == task]
+        if not rows:
+            continue
+        lines += [f"### {task}: target loss < {rows[0]['target']} within {rows[0]['max_steps']} steps", "", desc, "",
+                  "| optimizer | tuned lr | reached | mean steps | steps per seed | mean s to target | ms/step | LRs tried |",
+                  "|---|---:|---:|---:|---|---:|---:|---|"]
+        for r in rows:
+            per = ", ".join("—" if h["steps"] is None else str(h["steps"]) for h in r["runs"])
+            grid = ", ".join(f"{x['lr']:g}" for x in sorted((q for q in res["runs"] if q["task"] == task and q["optimizer"] == r["optimizer"]), key=lambda q: q["lr"]))
+            lines.append(f"| {r['optimizer']} | {r['lr']:g} | {r['reached']}/{r['seeds']} | {_fmt(r['mean_steps'], '.1f')} | "
+                         f"{per} | {_fmt(r['mean_seconds'], '.2f')} | {r['s_per_step'] * 1e3:.1f} | {grid} |")
+        lines += ["", "Every LR (reached / mean steps):", ""]
+        for name in meta["lr_grids"]:
+            cells = [f"{r['lr']:g}: {r['reached']}/{r['seeds']}, {_fmt(r['mean_steps'], '.0f')}"
+                     for r in sorted(res["runs"], key=lambda q: q["lr"]) if r["task"] == task and r["optimizer"] == name]
+            if cells:
+                lines.append(f"- {name}: " + "; ".join(cells))
+        lines.append("")
+    with open(stem + ".md", "w") as f:
+        f.write("\n".join(lines))
+    print(f"wrote {stem}.md/.json")
 
 
 def _state_memory(quick):
@@ -262,7 +373,8 @@ def _state_memory(quick):
 if __name__ == "__main__":
     quick = "--quick" in sys.argv
     if "--time-to-target" in sys.argv:
-        time_to_target(quick)
+        import os
+        write_time_to_target(time_to_target(quick), quick, os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     else:
         for k, v in _state_memory(quick).items():
             print(f"{k}: optimizer state {v / 2**20:.1f} MiB")
