@@ -147,24 +147,17 @@ pub(crate) unsafe fn matmul_on<L: Launch>(dev: &L, m: &DeviceMatmul) -> Result<(
 
 #[cfg(test)]
 mod sim {
-    //! `cuda/delta.cu` run as host C++ by the fiber harness of
-    //! `crate::cuda::host_sim` (its text up to the kernels marker), and
+    //! `cuda/delta.cu` run as host C++ (`crate::cuda::sim_lib`) and
     //! compared bit for bit with the CPU kernel.
-
-    use std::ffi::{c_char, c_void, CString};
-    use std::hash::{Hash, Hasher};
-    use std::path::PathBuf;
-    use std::sync::OnceLock;
 
     use half::{bf16, f16};
 
     use super::*;
+    use crate::cuda::sim_lib::{library, Sim};
     use crate::delta::matmul::{matmul, matmul_multi};
     use crate::test_rng::XorShift;
     use crate::Float;
 
-    const HARNESS: &str = include_str!("../cuda/host_sim.cpp");
-    const COMMON: &str = include_str!("../../../../cuda/common.cu");
     const SOURCE: &str = include_str!("../../../../cuda/delta.cu");
 
     /// cuLaunchKernel's convention: params[i] points at argument i.
@@ -185,73 +178,8 @@ extern "C" int delta_sim_launch(const char* name, unsigned grid, unsigned block,
 }
 "#;
 
-    type SimLaunch = unsafe extern "C" fn(*const c_char, u32, u32, *mut *mut c_void) -> i32;
-
-    fn build() -> std::result::Result<PathBuf, String> {
-        let prelude = HARNESS.split("// @@KERNELS@@").next().ok_or("host_sim.cpp has no kernels marker")?;
-        let source = format!("{prelude}\n{COMMON}\n{SOURCE}\n{DISPATCH}");
-        let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        (&source, &cxx).hash(&mut h);
-        let dir = std::env::temp_dir().join(format!("ferrox-delta-sim-{:016x}", h.finish()));
-        let lib = dir.join("libdeltasim.so");
-        if lib.exists() {
-            return Ok(lib);
-        }
-        std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-        let pid = std::process::id();
-        let cpp = dir.join(format!("sim-{pid}.cpp"));
-        let tmp = dir.join(format!("lib-{pid}.so"));
-        std::fs::write(&cpp, &source).map_err(|e| format!("cannot write {}: {e}", cpp.display()))?;
-        let flags = ["-std=c++17", "-O2", "-ffp-contract=off", "-fno-fast-math", "-Wall", "-Wextra", "-Wno-unknown-pragmas", "-Wno-unused-function", "-shared", "-fPIC"];
-        let out = std::process::Command::new(&cxx).args(flags).arg("-o").arg(&tmp).arg(&cpp).output();
-        let _ = std::fs::remove_file(&cpp);
-        let out = out.map_err(|e| format!("cannot run the host C++ compiler {cxx} (set CXX): {e}"))?;
-        let log = String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success(), "cuda/delta.cu does not compile as host C++:\n{log}");
-        if !log.trim().is_empty() {
-            eprintln!("host C++ warnings on cuda/delta.cu:\n{log}");
-        }
-        std::fs::rename(&tmp, &lib).map_err(|e| format!("cannot move the simulator to {}: {e}", lib.display()))?;
-        Ok(lib)
-    }
-
-    fn sim_launch() -> Option<libloading::Symbol<'static, SimLaunch>> {
-        static SYM: OnceLock<std::result::Result<libloading::Symbol<'static, SimLaunch>, String>> = OnceLock::new();
-        let loaded = SYM.get_or_init(|| {
-            let path = build()?;
-            // SAFETY: our own harness library, kept loaded for the process.
-            let lib = unsafe { libloading::Library::new(&path) }.map_err(|e| format!("cannot load {}: {e}", path.display()))?;
-            let lib: &'static libloading::Library = Box::leak(Box::new(lib));
-            // SAFETY: the symbol has this signature (DISPATCH above).
-            unsafe { lib.get::<SimLaunch>(b"delta_sim_launch\0") }.map_err(|e| format!("no delta_sim_launch: {e}"))
-        });
-        crate::cuda::host_sim::or_skip("the delta host simulation", loaded.as_ref().map(|s| s.clone()).map_err(Clone::clone))
-    }
-
-    /// The simulation stands in for the device: "device pointers" are host
-    /// pointers and launches run the kernel source on the host, one at a
-    /// time (the fiber scheduler is process-global).
-    struct Sim {
-        launch: libloading::Symbol<'static, SimLaunch>,
-        multiprocessors: u32,
-    }
-
-    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-    impl Launch for Sim {
-        fn multiprocessors(&self) -> Result<u32> {
-            Ok(self.multiprocessors)
-        }
-        unsafe fn launch(&self, kernel: &'static str, grid: u32, block: u32, params: &mut [*mut c_void]) -> Result<()> {
-            let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
-            let name = CString::new(kernel).map_err(|e| Error::Cuda(e.to_string()))?;
-            match (self.launch)(name.as_ptr(), grid, block, params.as_mut_ptr()) {
-                0 => Ok(()),
-                1 => Err(Error::Cuda(format!("no kernel {kernel} in the simulation"))),
-                r => Err(Error::Cuda(format!("{kernel}: simulated launch failed ({r})"))),
-            }
-        }
+    fn sim_launch() -> Option<libloading::Symbol<'static, crate::cuda::host_sim::SimLaunch>> {
+        library("delta", &[SOURCE], DISPATCH, "delta_sim_launch")
     }
 
     fn bits_of<T: Float>(v: &[T]) -> Vec<u32> {
