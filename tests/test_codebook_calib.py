@@ -208,3 +208,21 @@ def test_a_layer_with_zero_output_keeps_its_weighted_kmeans(tmp_path):
     assert torch.equal(dequantize(q["a.weight"]), ref)
     rec = folder.tensors["b.weight"]
     assert rec["calib_output_error"] < rec["calib_output_error_kmeans"]
+
+
+def test_cli_calib_on_minilm_maps_task_head_module_names(tmp_path):
+    """transformers loads MiniLM's folder with a task head (``bert.encoder...``
+    modules for the checkpoint's ``encoder...`` tensors): the calibration run
+    still reaches the selected matrices, which then learn."""
+    from ferrox.models import default_model_path
+    from ferrox.testing import minilm
+
+    _, tok = minilm.load()
+    train = [a for a, _ in minilm.sentence_pairs("statements")][:8]
+    save_file({"input_ids": minilm.tokenize(tok, train)["input_ids"].contiguous()}, str(tmp_path / "c.safetensors"))
+    name = "encoder.layer.0.attention.self.query.weight"
+    assert cli_main(["compress", "codebook", default_model_path(), "--bits", "3", "--calib",
+                     str(tmp_path / "c.safetensors"), "--calib-steps", "5", "--select", name, "--out",
+                     str(tmp_path / "d"), "--no-progress", "--quiet"]) == 0
+    rec = CodebookFolder.open(tmp_path / "d").tensors[name]
+    assert rec["joint"]["steps"] == 5 and rec["calib_output_error"] < rec["calib_output_error_kmeans"]

@@ -114,7 +114,32 @@ def calibration_grams(path: str, model: str, batch_size: int, names=None, progre
     from .bitdelta import load_model
 
     batches = _token_batches(path, data, batch_size)
-    return input_grams(load_model(model), batches, names, progress=progress)
+    net = load_model(model)
+    keys = _checkpoint_names(net, names)
+    grams = input_grams(net, batches, set(keys), progress=progress)
+    return {keys[k]: h for k, h in grams.items()}
+
+
+def _checkpoint_names(net, names):
+    """Module weight name -> checkpoint tensor name for the Linears of
+    ``net`` whose weight is one of ``names``: the same name, or the name
+    without the leading components a task head adds (transformers'
+    ``bert.encoder...`` for a checkpoint's ``encoder...``)."""
+    import torch
+
+    wanted = set(names) if names is not None else None
+    out = {}
+    for mname, mod in net.named_modules():
+        if not isinstance(mod, torch.nn.Linear):
+            continue
+        key = f"{mname}.weight" if mname else "weight"
+        parts = key.split(".")
+        for i in range(len(parts)):
+            cand = ".".join(parts[i:])
+            if wanted is None or cand in wanted:
+                out[key] = cand
+                break
+    return out
 
 
 def run(args) -> int:
