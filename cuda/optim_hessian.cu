@@ -38,7 +38,7 @@ __device__ __forceinline__ void sophia_body(T* p, const T* g, float* m, float* h
 }
 
 template <typename T>
-__device__ __forceinline__ void adahessian_body(T* p, const T* g, float* m, float* v, const T* d, int refresh,
+__device__ __forceinline__ void adahessian_body(T* p, const T* g, float* m, float* v, const T* d, const T* z, int refresh,
                                                 float step_size, float beta1, float beta2, float omb1, float omb2,
                                                 float bias_correction2, float eps, float power, float decay, u64 n, u64* counts) {
     u64 positive = 0;
@@ -47,6 +47,7 @@ __device__ __forceinline__ void adahessian_body(T* p, const T* g, float* m, floa
         float vv = v[i];
         if (refresh) {
             float dd = Elem<T>::load(d[i]);
+            if (z) dd = dd * Elem<T>::load(z[i]);  // D = Hz ⊙ z fused (exact for z = ±1)
             vv = beta2 * vv + omb2 * (dd * dd);
             positive += dd > 0.0f ? 1u : 0u;
             v[i] = vv;
@@ -69,10 +70,10 @@ __device__ __forceinline__ void adahessian_body(T* p, const T* g, float* m, floa
         sophia_body(p, g, m, h, x, y, refresh, lr, beta1, omb1, rho, eps, decay, beta2, omb2, scale, n, counts);     \
     }                                                                                                                 \
     extern "C" __global__ void adahessian_update_##SUFFIX(T* p, const T* g, float* m, float* v, const T* d,           \
-                                                          int refresh, float step_size, float beta1, float beta2,     \
+                                                          const T* z, int refresh, float step_size, float beta1, float beta2,     \
                                                           float omb1, float omb2, float bias_correction2, float eps,   \
                                                           float power, float decay, u64 n, u64* counts) {             \
-        adahessian_body(p, g, m, v, d, refresh, step_size, beta1, beta2, omb1, omb2, bias_correction2, eps, power,    \
+        adahessian_body(p, g, m, v, d, z, refresh, step_size, beta1, beta2, omb1, omb2, bias_correction2, eps, power,    \
                         decay, n, counts);                                                                            \
     }
 

@@ -27,6 +27,8 @@ import operator
 
 import torch
 
+from .. import _core
+
 _U64 = 2**64 - 1
 _NONFINITE = ("skip", "raise")
 
@@ -96,11 +98,22 @@ def grads_finite(params) -> bool:
     return all_finite([p.grad for p in params if p.grad is not None])
 
 
+_SCANNED = (torch.float32, torch.float16, torch.bfloat16)
+
+
 def all_finite(tensors) -> bool:
-    """True when every tensor is finite: one reduction and one host sync per device."""
-    by_device = {}
+    """True when every tensor is finite. CPU float tensors: one parallel Rust
+    scan that allocates nothing (``torch.isfinite`` writes a bool tensor per
+    input, which cost more than the fused update itself); others: one
+    reduction and one host sync per device."""
+    scanned, by_device = [], {}
     for t in tensors:
-        by_device.setdefault(t.device, []).append(torch.isfinite(t).all())
+        if t.device.type == "cpu" and t.dtype in _SCANNED:
+            scanned.append(t.detach())
+        else:
+            by_device.setdefault(t.device, []).append(torch.isfinite(t).all())
+    if scanned and not _core.optim_all_finite(scanned):
+        return False
     return all(bool(torch.stack(flags).all()) for flags in by_device.values())
 
 

@@ -21,16 +21,38 @@ from __future__ import annotations
 
 import torch
 
-from .. import philox
+from .. import _core, philox
 
 #: Elements reserved per parameter in a probe stream (parameter i starts at i·2^40).
 PARAM_STRIDE = 1 << 40
 
 
+_DIRECT = (torch.float32, torch.float16, torch.bfloat16)
+
+
 def rademacher(shape, *, seed: int, counter: int, index: int, dtype=torch.float32, device="cpu") -> torch.Tensor:
     """±1 probe for parameter ``index`` at probe draw ``counter``."""
-    u = philox.uniform(tuple(shape), seed=seed, stream=counter, offset=index * PARAM_STRIDE, device=device)
-    return torch.where(u < 0.5, 1.0, -1.0).to(dtype)
+    return probes([(tuple(shape), dtype, torch.device(device), index)], seed=seed, counter=counter)[0]
+
+
+def probes(specs, *, seed: int, counter: int):
+    """The ±1 probes of several parameters, ``specs`` = [(shape, dtype,
+    device, index)]. CPU float probes of one dtype are written in one Rust
+    call straight from the Philox bits (the sign bit decides ``u < 0.5``);
+    other devices and dtypes go through ``philox.uniform``. Same values
+    either way."""
+    out = [None] * len(specs)
+    direct = {}
+    for k, (shape, dtype, device, index) in enumerate(specs):
+        if device.type == "cpu" and dtype in _DIRECT:
+            out[k] = torch.empty(shape, dtype=dtype)
+            direct.setdefault(dtype, []).append(k)
+        else:
+            u = philox.uniform(tuple(shape), seed=seed, stream=counter, offset=index * PARAM_STRIDE, device=device)
+            out[k] = torch.where(u < 0.5, 1.0, -1.0).to(dtype)
+    for ks in direct.values():
+        _core.optim_rademacher([out[k] for k in ks], seed, counter, [specs[k][3] * PARAM_STRIDE for k in ks])
+    return out
 
 
 def uniforms(n: int, *, seed: int, counter: int, device="cpu") -> torch.Tensor:
@@ -71,8 +93,7 @@ def hutchinson(params, indices, *, seed: int, counter: int):
     is the Hessian diagonal. A parameter the gradient does not depend on gets
     Hz = 0."""
     grads = _graph_grads(params)
-    zs = [rademacher(p.shape, seed=seed, counter=counter, index=i, dtype=p.dtype, device=p.device)
-          for p, i in zip(params, indices)]
+    zs = probes([(p.shape, p.dtype, p.device, i) for p, i in zip(params, indices)], seed=seed, counter=counter)
     pairs = [(g, p, z) for g, p, z in zip(grads, params, zs) if g is not None and g.requires_grad]
     hz = torch.autograd.grad([g for g, _, _ in pairs], [p for _, p, _ in pairs],
                              grad_outputs=[z for _, _, z in pairs], allow_unused=True)

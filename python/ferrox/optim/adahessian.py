@@ -55,11 +55,16 @@ class AdaHessian(_hessian.HessianOptimizer, Optimizer):
             if not self.finite_or_skip(params):
                 return loss
             refresh = self.step_count % self.update_period == 0
-            ds = None
+            ds = probes = None
             if refresh:
                 zs, hzs = _hessian.hutchinson(params, [k for _, items in groups for k, _ in items],
                                               seed=self.probe_seed, counter=self.probe_counter)
-                ds = [_hessian.spatial_average(z * hz) for z, hz in zip(zs, hzs)]
+                # D = z ⊙ Hz is fused into the update (Hz with its probe), except
+                # for conv kernels, whose D is block-averaged here first.
+                conv = [hz.dim() == 4 for hz in hzs]
+                ds = [_hessian.spatial_average(z * hz) if c else hz for z, hz, c in zip(zs, hzs, conv)]
+                probes = [None if c else z for z, c in zip(zs, conv)]
+                # z = ±1, so z ⊙ Hz is finite exactly when Hz is.
                 if not all_finite(ds):
                     if self.nonfinite == "raise":
                         raise FloatingPointError("AdaHessian: non-finite Hessian estimate; parameters and state left unchanged")
@@ -72,22 +77,35 @@ class AdaHessian(_hessian.HessianOptimizer, Optimizer):
             offset = 0
             for group, items in groups:
                 if items:
-                    self._update_group(group, [p for _, p in items], None if ds is None else ds[offset:offset + len(items)], t, s)
+                    part = slice(offset, offset + len(items))
+                    self._update_group(group, [p for _, p in items], None if ds is None else ds[part], t, s,
+                                       None if probes is None else probes[part])
                 offset += len(items)
             self.count("steps")
             return loss
         finally:
             self._release_graph(params)
 
-    def _update_group(self, group, params, ds, t, s):
+    def _update_group(self, group, params, ds, t, s, probes=None):
+        """One fused update of ``params``; on refresh steps ``ds`` holds D, or
+        Hz where ``probes`` has its z (D = z ⊙ Hz, formed in the kernel)."""
         lr, wd, (beta1, beta2) = group["lr"], group["weight_decay"], group["betas"]
         states = [self._state_of(p) for p in params]
         elements = sum(p.numel() for p in params)
         kw = dict(step_size=lr / (1.0 - beta1 ** t), beta1=beta1, beta2=beta2, bias_correction2=1.0 - beta2 ** s,
                   eps=group["eps"], power=group["hessian_power"], decay=1.0 - lr * wd, stream=stream_of(params[0]))
+        counts = self._counts(params[0].device)
+        # Elementwise, so tensors with and without a probe may go in two calls.
+        parts = [(range(len(params)), None)]
         if ds is not None:
-            kw["hessians"] = ds
             self.count("refreshed_elements", elements)
-        _core.adahessian_update(params, [p.grad.detach() for p in params], [st["exp_avg"] for st in states],
-                                [st["exp_hessian_diag_sq"] for st in states], self._counts(params[0].device), **kw)
+            probes = probes or [None] * len(params)
+            fused = [i for i, z in enumerate(probes) if z is not None]
+            plain = [i for i, z in enumerate(probes) if z is None]
+            parts = [(ix, dict(hessians=[ds[i] for i in ix], probes=[probes[i] for i in ix] if ix is fused else None))
+                     for ix in (fused, plain) if ix]
+        for ix, extra in parts:
+            _core.adahessian_update([params[i] for i in ix], [params[i].grad.detach() for i in ix],
+                                    [states[i]["exp_avg"] for i in ix], [states[i]["exp_hessian_diag_sq"] for i in ix],
+                                    counts, **kw, **(extra or {}))
         self.count("updated_elements", elements)

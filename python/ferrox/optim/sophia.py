@@ -36,7 +36,7 @@ import torch
 from .. import _core
 from ..cuda import stream_of
 from . import _hessian
-from ._base import Optimizer, check_betas, check_float, check_int
+from ._base import Optimizer, all_finite, check_betas, check_float, check_int
 
 
 class _Sophia(_hessian.HessianOptimizer, Optimizer):
@@ -76,8 +76,8 @@ class _Sophia(_hessian.HessianOptimizer, Optimizer):
             if refresh:
                 counter = self.probe_counter
                 estimate = self._estimate(params, [k for _, items in groups for k, _ in items], extra, counter)
-                xs, ys, _ = estimate
-                if not self._finite_estimate(xs, ys):
+                # x is a ±1 probe (SophiaH) or y itself (SophiaG): checking y covers x·y.
+                if not self._finite_estimate(estimate[1]):
                     return loss
                 self.next_probe_counter()
             self.advance_step()
@@ -93,9 +93,8 @@ class _Sophia(_hessian.HessianOptimizer, Optimizer):
         finally:
             self._release_graph(params)
 
-    def _finite_estimate(self, xs, ys) -> bool:
-        from ._base import all_finite
-        if all_finite(xs) and all_finite(ys):
+    def _finite_estimate(self, ys) -> bool:
+        if all_finite(ys):
             return True
         if self.nonfinite == "raise":
             raise FloatingPointError(f"{type(self).__name__}: non-finite Hessian estimate; parameters and state left unchanged")

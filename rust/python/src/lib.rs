@@ -73,6 +73,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(importance::importance_project, m)?)?;
     m.add_function(wrap_pyfunction!(optim::hessian::sophia_update, m)?)?;
     m.add_function(wrap_pyfunction!(optim::hessian::adahessian_update, m)?)?;
+    m.add_function(wrap_pyfunction!(optim::hessian::optim_rademacher, m)?)?;
+    m.add_function(wrap_pyfunction!(optim::hessian::optim_all_finite, m)?)?;
     m.add_function(wrap_pyfunction!(optim::mkor::mkor_rank1_update, m)?)?;
     m.add_function(wrap_pyfunction!(optim::mezo::mezo_pass, m)?)?;
     Ok(())

@@ -12,6 +12,7 @@
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
+use crate::simd::multiversion;
 use crate::Float;
 
 /// Elements per parallel piece.
@@ -79,8 +80,10 @@ pub struct AdaHessianTensor<'a, T> {
     pub grad: &'a [T],
     pub m: &'a mut [f32],
     pub v: &'a mut [f32],
-    /// The (spatially averaged) Hessian diagonal estimate D, on refresh steps.
+    /// The (spatially averaged) Hessian diagonal estimate D, on refresh steps;
+    /// with `probe`, D is `d ⊙ probe` (Hz and z, the product fused here).
     pub d: Option<&'a [T]>,
+    pub probe: Option<&'a [T]>,
 }
 
 /// Element counts of one call, for the optimizers' `stats`.
@@ -118,14 +121,11 @@ pub(crate) fn sophia1(s: &Sophia, refresh: Option<(f32, f32, f32, f32, f32)>, p:
     // `>` keeps ε for a NaN ρh as fmaxf does on the device.
     let den = if scaled > s.eps { scaled } else { s.eps };
     let r = m / den;
-    let (r, clipped) = if r >= 1.0 {
-        (1.0, true)
-    } else if r <= -1.0 {
-        (-1.0, true)
-    } else {
-        (r, false)
-    };
-    (p - s.lr * r, m, h, clipped, positive)
+    // Selects, not branches (the sign of a clipped ratio is a coin flip, so
+    // branches mispredict); a NaN ratio is neither clipped nor changed.
+    let (hi, lo) = (r >= 1.0, r <= -1.0);
+    let r = if hi { 1.0 } else if lo { -1.0 } else { r };
+    (p - s.lr * r, m, h, hi | lo, positive)
 }
 
 /// One AdaHessian element. Returns (θ, m, v, positive). `SQRT` is
@@ -158,6 +158,75 @@ fn check_hyper(name: &str, v: f32) -> Result<()> {
     } else {
         Err(Error::Value(format!("{name}: expected a finite value, got {v}")))
     }
+}
+
+multiversion! {
+    /// One parallel piece of [`sophia_update`]; refresh decided once per piece.
+    fn sophia_piece<T: Float>(s: &Sophia, p: &mut [T], g: &[T], m: &mut [f32], h: &mut [f32], probe: Option<(&[T], &[T])>, r: Option<Refresh>) -> Counts {
+        let mut c = Counts::default();
+        match (probe, r) {
+            (Some((x, y)), Some(r)) => {
+                for i in 0..p.len() {
+                    let rf = Some((r.beta2, r.one_minus_beta2, r.scale, x[i].to_f32(), y[i].to_f32()));
+                    let (np, nm, nh, clipped, positive) = sophia1(s, rf, p[i].to_f32(), g[i].to_f32(), m[i], h[i]);
+                    (p[i], m[i], h[i]) = (T::from_f32(np), nm, nh);
+                    c.clipped += clipped as u64;
+                    c.positive += positive as u64;
+                }
+            }
+            _ => {
+                for i in 0..p.len() {
+                    let (np, nm, _, clipped, _) = sophia1(s, None, p[i].to_f32(), g[i].to_f32(), m[i], h[i]);
+                    (p[i], m[i]) = (T::from_f32(np), nm);
+                    c.clipped += clipped as u64;
+                }
+            }
+        }
+        c
+    }
+}
+
+multiversion! {
+    /// One parallel piece of [`adahessian_update`]: `est` is (D, None) or
+    /// (Hz, Some(z)) on refresh steps.
+    fn adahessian_piece<T: Float>(a: &AdaHessian, sqrt: bool, p: &mut [T], g: &[T], m: &mut [f32], v: &mut [f32], est: Option<(&[T], Option<&[T]>)>) -> Counts {
+        if sqrt {
+            ada_loops::<T, true>(a, p, g, m, v, est)
+        } else {
+            ada_loops::<T, false>(a, p, g, m, v, est)
+        }
+    }
+}
+
+/// `SQRT` is `a.power == 1`, decided once per piece so the loop has no call in it.
+#[inline(always)]
+fn ada_loops<T: Float, const SQRT: bool>(a: &AdaHessian, p: &mut [T], g: &[T], m: &mut [f32], v: &mut [f32], est: Option<(&[T], Option<&[T]>)>) -> Counts {
+    let mut c = Counts::default();
+    match est {
+        Some((d, Some(z))) => {
+            for i in 0..p.len() {
+                // z = ±1 for Hutchinson, so the product is exact (as z * hz in torch).
+                let dz = d[i].to_f32() * z[i].to_f32();
+                let (np, nm, nv, positive) = adahessian1::<SQRT>(a, Some(dz), p[i].to_f32(), g[i].to_f32(), m[i], v[i]);
+                (p[i], m[i], v[i]) = (T::from_f32(np), nm, nv);
+                c.positive += positive as u64;
+            }
+        }
+        Some((d, None)) => {
+            for i in 0..p.len() {
+                let (np, nm, nv, positive) = adahessian1::<SQRT>(a, Some(d[i].to_f32()), p[i].to_f32(), g[i].to_f32(), m[i], v[i]);
+                (p[i], m[i], v[i]) = (T::from_f32(np), nm, nv);
+                c.positive += positive as u64;
+            }
+        }
+        None => {
+            for i in 0..p.len() {
+                let (np, nm, _, _) = adahessian1::<SQRT>(a, None, p[i].to_f32(), g[i].to_f32(), m[i], v[i]);
+                (p[i], m[i]) = (T::from_f32(np), nm);
+            }
+        }
+    }
+    c
 }
 
 /// One fused Sophia step over all tensors of a group; `refresh` is given
@@ -198,22 +267,7 @@ pub fn sophia_update<T: Float>(tensors: &mut [SophiaTensor<'_, T>], s: &Sophia, 
     let refresh = refresh.copied();
     Ok(pieces
         .into_par_iter()
-        .map(|(p, g, m, h, probe)| {
-            let mut c = Counts::default();
-            for i in 0..p.len() {
-                let rf = match (refresh, probe) {
-                    (Some(r), Some((x, y))) => Some((r.beta2, r.one_minus_beta2, r.scale, x[i].to_f32(), y[i].to_f32())),
-                    _ => None,
-                };
-                let (np, nm, nh, clipped, positive) = sophia1(s, rf, p[i].to_f32(), g[i].to_f32(), m[i], h[i]);
-                p[i] = T::from_f32(np);
-                m[i] = nm;
-                h[i] = nh;
-                c.clipped += clipped as u64;
-                c.positive += positive as u64;
-            }
-            c
-        })
+        .map(|(p, g, m, h, probe)| sophia_piece(s, p, g, m, h, probe, refresh))
         .reduce(Counts::default, |a, b| a + b))
 }
 
@@ -238,40 +292,92 @@ pub fn adahessian_update<T: Float>(tensors: &mut [AdaHessianTensor<'_, T>], a: &
             None if !refresh => {}
             _ => return Err(Error::Value(format!("hessian[{i}]: give a Hessian estimate for every tensor or for none"))),
         }
+        match t.probe {
+            Some(z) if t.d.is_some() => check("probe", i, n, z.len())?,
+            Some(_) => return Err(Error::Value(format!("probe[{i}]: given without a Hessian estimate"))),
+            None => {}
+        }
     }
     let mut pieces = Vec::new();
     for t in tensors.iter_mut() {
-        let d = t.d;
+        let (d, z) = (t.d, t.probe);
         let chunks = t.param.chunks_mut(CHUNK).zip(t.grad.chunks(CHUNK)).zip(t.m.chunks_mut(CHUNK)).zip(t.v.chunks_mut(CHUNK));
         for (k, (((p, g), m), v)) in chunks.enumerate() {
-            let d = d.map(|d| &d[k * CHUNK..k * CHUNK + p.len()]);
-            pieces.push((p, g, m, v, d));
+            let r = k * CHUNK..k * CHUNK + p.len();
+            pieces.push((p, g, m, v, d.map(|d| (&d[r.clone()], z.map(|z| &z[r])))));
         }
-    }
-    fn piece<T: Float, const SQRT: bool>(a: &AdaHessian, p: &mut [T], g: &[T], m: &mut [f32], v: &mut [f32], d: Option<&[T]>) -> Counts {
-        let mut c = Counts::default();
-        match d {
-            Some(d) => {
-                for i in 0..p.len() {
-                    let (np, nm, nv, positive) = adahessian1::<SQRT>(a, Some(d[i].to_f32()), p[i].to_f32(), g[i].to_f32(), m[i], v[i]);
-                    (p[i], m[i], v[i]) = (T::from_f32(np), nm, nv);
-                    c.positive += positive as u64;
-                }
-            }
-            None => {
-                for i in 0..p.len() {
-                    let (np, nm, _, _) = adahessian1::<SQRT>(a, None, p[i].to_f32(), g[i].to_f32(), m[i], v[i]);
-                    (p[i], m[i]) = (T::from_f32(np), nm);
-                }
-            }
-        }
-        c
     }
     let sqrt = a.power == 1.0;
     Ok(pieces
         .into_par_iter()
-        .map(|(p, g, m, v, d)| if sqrt { piece::<T, true>(a, p, g, m, v, d) } else { piece::<T, false>(a, p, g, m, v, d) })
+        .map(|(p, g, m, v, d)| adahessian_piece(a, sqrt, p, g, m, v, d))
         .reduce(Counts::default, |a, b| a + b))
+}
+
+/// Rademacher probes from the Philox stream: element `e` of a tensor written
+/// at `offset` is +1 when lane `offset + e` of stream (`seed`, `stream`) has
+/// its top bit clear, −1 otherwise. That is `uniform < 0.5` for ferrox's
+/// uniforms (`((bits >> 9) + 0.5)·2^-23 < 0.5` ⇔ `bits < 2^31`), so the probes
+/// equal `philox.uniform(...) < 0.5` bit for bit, without the f32 detour.
+/// One call fills every tensor of a step, in parallel.
+pub fn rademacher_fill<T: Float>(seed: u64, stream: u64, outs: &mut [(u64, &mut [T])]) {
+    let mut pieces = Vec::new();
+    for (offset, out) in outs.iter_mut() {
+        for (k, piece) in out.chunks_mut(CHUNK).enumerate() {
+            pieces.push((offset.wrapping_add((k * CHUNK) as u64), piece));
+        }
+    }
+    pieces.into_par_iter().for_each(|(e0, out)| rademacher_piece(seed, stream, e0, out));
+}
+
+#[inline(always)]
+fn sign<T: Float>(bits: u32) -> T {
+    T::from_f32(f32::from_bits(0x3f80_0000 | (bits & 0x8000_0000)))
+}
+
+multiversion! {
+    /// Probes of elements `e0 ..` into `out`: scalar blocks up to a block
+    /// boundary and at the tail, `L` blocks side by side (so the rounds
+    /// vectorise) in between.
+    fn rademacher_piece<T: Float>(seed: u64, stream: u64, e0: u64, out: &mut [T]) -> () {
+        const L: usize = 16;
+        let (mut e, mut i) = (e0, 0usize);
+        while i < out.len() {
+            if e & 3 == 0 && out.len() - i >= 4 * L {
+                let mut bits = [0u32; 4 * L];
+                crate::philox::philox_blocks::<L>(seed, stream, e >> 2, &mut bits);
+                for (o, &b) in out[i..i + 4 * L].iter_mut().zip(&bits) {
+                    *o = sign(b);
+                }
+                i += 4 * L;
+                e = e.wrapping_add(4 * L as u64);
+            } else {
+                let lane = (e & 3) as usize;
+                let block = crate::philox::philox_block(seed, stream, e >> 2);
+                let take = (4 - lane).min(out.len() - i);
+                for j in 0..take {
+                    out[i + j] = sign(block[lane + j]);
+                }
+                i += take;
+                e = e.wrapping_add(take as u64);
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// No NaN or ±inf in `p` (branch-free, so it vectorises).
+    fn finite_piece<T: Float>(p: &[T]) -> bool {
+        p.iter().fold(true, |ok, v| ok & v.to_f32().is_finite())
+    }
+}
+
+/// True when no element of `tensors` is NaN or ±inf; a parallel scan that
+/// allocates nothing (the optimizers' pre-update check).
+pub fn all_finite<T: Float>(tensors: &[&[T]]) -> bool {
+    let pieces: Vec<&[T]> = tensors.iter().flat_map(|t| t.chunks(CHUNK)).collect();
+    // Branch-free per piece (so it vectorises); pieces stop early once one fails.
+    pieces.into_par_iter().all(|p| finite_piece(p))
 }
 
 #[cfg(test)]
@@ -371,8 +477,14 @@ mod tests {
         for power in [1.0f32, 0.5] {
             let a = AdaHessian { step_size: 0.1 / (1.0 - 0.9f32.powi(3)), beta1: 0.9, beta2: 0.999, one_minus_beta1: 0.1, one_minus_beta2: 0.001, bias_correction2: 1.0 - 0.999f32.powi(3), eps: 1e-4, power, decay: 0.999 };
             let (mut p, mut m, mut v) = (p0.clone(), m0.clone(), v0.clone());
-            let c = adahessian_update(&mut [AdaHessianTensor { param: &mut p, grad: &g, m: &mut m, v: &mut v, d: Some(&d) }], &a).unwrap();
+            let c = adahessian_update(&mut [AdaHessianTensor { param: &mut p, grad: &g, m: &mut m, v: &mut v, d: Some(&d), probe: None }], &a).unwrap();
             assert_eq!(c.positive, d.iter().filter(|&&x| x > 0.0).count() as u64);
+            // D fused from (|D|, sign) — a ±1 probe — gives the same bits.
+            let (abs, z): (Vec<f32>, Vec<f32>) = d.iter().map(|&x| (x.abs(), if x.is_sign_negative() { -1.0 } else { 1.0 })).unzip();
+            let (mut p2, mut m2, mut v2) = (p0.clone(), m0.clone(), v0.clone());
+            let c2 = adahessian_update(&mut [AdaHessianTensor { param: &mut p2, grad: &g, m: &mut m2, v: &mut v2, d: Some(&abs), probe: Some(&z) }], &a).unwrap();
+            assert_eq!(c2, c);
+            assert!(p2.iter().zip(&p).all(|(a, b)| a.to_bits() == b.to_bits()) && v2 == v);
             for i in 0..n {
                 // The f32 hyperparameters, exactly (1 − 0.999f32 is 1.3e-5 off 0.001).
                 let (b1, b2, c1, c2) = (a.beta1 as f64, a.beta2 as f64, a.one_minus_beta1 as f64, a.one_minus_beta2 as f64);
@@ -402,5 +514,44 @@ mod tests {
             .unwrap_err();
         assert!(err.to_string().contains("probe[0]"), "{err}");
         assert_eq!(p, vec![1f32; 4]);
+    }
+
+    #[test]
+    fn rademacher_is_the_sign_of_the_uniform_at_any_offset_and_thread_count() {
+        let seed = 0x1234_5678_9abc_def0u64;
+        for (offset, n) in [(0u64, 1usize), (3, 70), (5u64 << 40, CHUNK + 37), (u64::MAX - 2, 9)] {
+            let mut u = vec![0f32; n];
+            crate::philox::fill_uniform(seed, 7, offset, &mut u);
+            let want: Vec<f32> = u.iter().map(|&u| if u < 0.5 { 1.0 } else { -1.0 }).collect();
+            for threads in [1, 3] {
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                let (mut a, mut b) = (vec![0f32; n], vec![bf16::ZERO; n + 2]);
+                pool.install(|| {
+                    rademacher_fill(seed, 7, &mut [(offset, &mut a[..]), (offset.wrapping_add(1), &mut vec![0f32; n][..])]);
+                    rademacher_fill(seed, 7, &mut [(offset, &mut b[..n])]);
+                });
+                assert_eq!(a, want, "offset {offset}");
+                assert!(b[..n].iter().zip(&want).all(|(x, &w)| x.to_f32() == w) && b[n..] == [bf16::ZERO; 2]);
+            }
+        }
+    }
+
+    #[test]
+    fn all_finite_finds_one_bad_element_anywhere() {
+        let n = 2 * CHUNK + 3;
+        let ok = vec![1.5f32; n];
+        assert!(all_finite::<f32>(&[&ok, &ok[..1]]));
+        assert!(all_finite::<f32>(&[]));
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            for at in [0, CHUNK, n - 1] {
+                let mut v = ok.clone();
+                v[at] = bad;
+                assert!(!all_finite::<f32>(&[&ok, &v]), "{bad} at {at}");
+                let h: Vec<bf16> = v.iter().map(|&x| bf16::from_f32(x)).collect();
+                assert!(!all_finite::<bf16>(&[&h]));
+            }
+        }
+        // The largest finite values are finite (no overflow as in a sum).
+        assert!(all_finite::<f32>(&[&[f32::MAX, f32::MIN, f32::MIN_POSITIVE / 2.0]]));
     }
 }

@@ -30,9 +30,9 @@ pub struct DeviceTensor {
     pub m: u64,
     /// Sophia's h or AdaHessian's v (f32).
     pub state: u64,
-    /// Sophia's probe x / AdaHessian's D, on refresh steps.
+    /// Sophia's probe x / AdaHessian's D (or Hz), on refresh steps.
     pub x: u64,
-    /// Sophia's probe y, on refresh steps.
+    /// Sophia's probe y / AdaHessian's probe z (D = Hz ⊙ z; 0: x is D), on refresh steps.
     pub y: u64,
 }
 
@@ -116,13 +116,13 @@ pub(crate) unsafe fn adahessian_on<L: Launch>(dev: &L, dtype: DType, tensors: &[
         check_tensor(i, t, refresh, false)?;
     }
     for t in tensors.iter().filter(|t| t.n > 0) {
-        let (mut p, mut g, mut m, mut v, mut d) = (t.param, t.grad, t.m, t.state, t.x);
+        let (mut p, mut g, mut m, mut v, mut d, mut z) = (t.param, t.grad, t.m, t.state, t.x, if refresh { t.y } else { 0 });
         let mut on = refresh as i32;
         let (mut step, mut b1, mut b2, mut c1, mut c2) = (a.step_size, a.beta1, a.beta2, a.one_minus_beta1, a.one_minus_beta2);
         let (mut bc2, mut eps, mut power, mut decay) = (a.bias_correction2, a.eps, a.power, a.decay);
         let (mut n, mut c) = (t.n as u64, counts);
         let mut params = [
-            arg(&mut p), arg(&mut g), arg(&mut m), arg(&mut v), arg(&mut d), arg(&mut on), arg(&mut step), arg(&mut b1), arg(&mut b2),
+            arg(&mut p), arg(&mut g), arg(&mut m), arg(&mut v), arg(&mut d), arg(&mut z), arg(&mut on), arg(&mut step), arg(&mut b1), arg(&mut b2),
             arg(&mut c1), arg(&mut c2), arg(&mut bc2), arg(&mut eps), arg(&mut power), arg(&mut decay), arg(&mut n), arg(&mut c),
         ];
         dev.launch(name, grid(dev, t.n)?, THREADS, &mut params)?;
@@ -158,9 +158,9 @@ mod sim {
     if (!std::strcmp(name, "adahessian_update_" #SUFFIX))                                                      \
         return launch(grid, block, [&] {                                                                       \
             adahessian_update_##SUFFIX(IP(0, T*), IP(1, const T*), IP(2, float*), IP(3, float*),                \
-                                       IP(4, const T*), IP(5, int), IP(6, float), IP(7, float), IP(8, float),   \
+                                       IP(4, const T*), IP(5, const T*), IP(6, int), IP(7, float), IP(8, float),\
                                        IP(9, float), IP(10, float), IP(11, float), IP(12, float), IP(13, float),\
-                                       IP(14, float), IP(15, u64), IP(16, u64*));                               \
+                                       IP(14, float), IP(15, float), IP(16, u64), IP(17, u64*));                \
         }) ? 0 : 2;
 extern "C" int optim_hessian_sim_launch(const char* name, unsigned grid, unsigned block, void** params) {
     OPTIM_SIM(f32, float)
@@ -230,18 +230,21 @@ extern "C" int optim_hessian_sim_launch(const char* name, unsigned grid, unsigne
         assert_eq!(Counts { clipped: counts[0], positive: counts[1] }, cpu);
     }
 
-    fn ada_case<T: Float>(sim: &Sim, refresh: bool, power: f32) {
+    fn ada_case<T: Float>(sim: &Sim, refresh: bool, power: f32, fused: bool) {
         let a = AdaHessian { step_size: 0.15 / 0.271, beta1: 0.9, beta2: 0.999, one_minus_beta1: 0.1, one_minus_beta2: 0.001, bias_correction2: 0.002997, eps: 1e-4, power, decay: 0.9995 };
         let mut want = cases::<T>(9);
         let mut got = cases::<T>(9);
         let mut ts: Vec<AdaHessianTensor<T>> = want
             .iter_mut()
-            .map(|c| AdaHessianTensor { param: &mut c.p, grad: &c.g, m: &mut c.m, v: &mut c.s, d: refresh.then_some(&c.x[..]) })
+            .map(|c| AdaHessianTensor { param: &mut c.p, grad: &c.g, m: &mut c.m, v: &mut c.s, d: refresh.then_some(&c.x[..]), probe: (refresh && fused).then_some(&c.y[..]) })
             .collect();
         let cpu = cpu_ada(&mut ts, &a).unwrap();
         drop(ts);
         let mut counts = [0u64; 2];
-        let d = dev(&mut got);
+        let mut d = dev(&mut got);
+        if !fused {
+            d.iter_mut().for_each(|t| t.y = 0);
+        }
         unsafe { adahessian_on(sim, T::DTYPE, &d, &a, refresh, counts.as_mut_ptr() as u64) }.unwrap();
         same(&want, &got, "adahessian");
         assert_eq!(counts[1], cpu.positive);
@@ -256,9 +259,11 @@ extern "C" int optim_hessian_sim_launch(const char* name, unsigned grid, unsigne
             sophia_case::<bf16>(&three, refresh);
             sophia_case::<f16>(&one, refresh);
             for power in [1.0, 0.5] {
-                ada_case::<f32>(&three, refresh, power);
-                ada_case::<bf16>(&one, refresh, power);
-                ada_case::<f16>(&three, refresh, power);
+                for fused in [false, true] {
+                    ada_case::<f32>(&three, refresh, power, fused);
+                    ada_case::<bf16>(&one, refresh, power, fused);
+                    ada_case::<f16>(&three, refresh, power, fused);
+                }
             }
         }
     }

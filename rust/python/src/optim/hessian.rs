@@ -47,7 +47,7 @@ impl<'py> Group<'py> {
             m: tensors("exp_avg", m, true)?,
             state: tensors(state_name, state, true)?,
             x: x.map(|x| tensors("hessian", x, false)).transpose()?,
-            y: y.map(|y| tensors("probe_y", y, false)).transpose()?,
+            y: y.map(|y| tensors(if state_name == "hessian_moment" { "probe_y" } else { "probes" }, y, false)).transpose()?,
             counts: Tensor::output("counts", counts)?,
         };
         g.check().map_err(to_py)
@@ -209,15 +209,19 @@ pub fn sophia_update(
 
 /// One fused AdaHessian step over a group; `hessians` (D, the spatially
 /// averaged z ⊙ Hz) is given on refresh steps.
+/// With `probes` (z), D is `hessians ⊙ probes` (Hz and z: the product fused).
 #[pyfunction]
-#[pyo3(signature = (params, grads, exp_avgs, exp_hessian_diag_sqs, counts, *, step_size, beta1, beta2, bias_correction2, eps, power, decay, hessians=None, stream=0))]
+#[pyo3(signature = (params, grads, exp_avgs, exp_hessian_diag_sqs, counts, *, step_size, beta1, beta2, bias_correction2, eps, power, decay, hessians=None, probes=None, stream=0))]
 #[allow(clippy::too_many_arguments)]
 pub fn adahessian_update(
     py: Python<'_>, params: List<'_>, grads: List<'_>, exp_avgs: List<'_>, exp_hessian_diag_sqs: List<'_>,
     counts: &Bound<'_, PyAny>, step_size: f32, beta1: f64, beta2: f64, bias_correction2: f32, eps: f32, power: f32,
-    decay: f32, hessians: Option<List<'_>>, stream: u64,
+    decay: f32, hessians: Option<List<'_>>, probes: Option<List<'_>>, stream: u64,
 ) -> PyResult<()> {
-    let g = Group::read(&params, &grads, &exp_avgs, &exp_hessian_diag_sqs, "exp_hessian_diag_sq", hessians.as_ref(), None, counts)?;
+    if probes.is_some() && hessians.is_none() {
+        return Err(to_py(Error::Value("probes: given without hessians".into())));
+    }
+    let g = Group::read(&params, &grads, &exp_avgs, &exp_hessian_diag_sqs, "exp_hessian_diag_sq", hessians.as_ref(), probes.as_ref(), counts)?;
     let a = AdaHessian {
         step_size, beta1: beta1 as f32, beta2: beta2 as f32, one_minus_beta1: (1.0 - beta1) as f32,
         one_minus_beta2: (1.0 - beta2) as f32, bias_correction2, eps, power, decay,
@@ -239,6 +243,7 @@ pub fn adahessian_update(
                         m: g.m[i].slice_mut::<f32>(),
                         v: g.state[i].slice_mut::<f32>(),
                         d: g.x.as_ref().map(|x| x[i].slice::<T>()),
+                        probe: g.y.as_ref().map(|y| y[i].slice::<T>()),
                     }
                 })
                 .collect();
@@ -247,4 +252,57 @@ pub fn adahessian_update(
             Ok(())
         }),
     }
+}
+
+/// Rademacher probes (±1, see `ferrox_core::optim::hessian::rademacher_fill`)
+/// written into CPU float tensors `outs` of one dtype, tensor k from element
+/// `offsets[k]` of Philox stream (`seed`, `stream`); one parallel call.
+#[pyfunction]
+pub fn optim_rademacher(py: Python<'_>, outs: List<'_>, seed: u64, stream: u64, offsets: Vec<u64>) -> PyResult<()> {
+    let ts = tensors("outs", &outs, true)?;
+    if offsets.len() != ts.len() {
+        return Err(to_py(Error::Shape(format!("offsets: expected {} (one per tensor), got {}", ts.len(), offsets.len()))));
+    }
+    let dtype = ts.first().map_or(DType::F32, |t| t.dtype);
+    for (i, t) in ts.iter().enumerate() {
+        t.expect_cpu().map_err(to_py)?;
+        if t.dtype != dtype {
+            return Err(to_py(Error::DType(format!("outs[{i}]: expected {dtype} like outs[0], got {}", t.dtype))));
+        }
+    }
+    for i in 0..ts.len() {
+        for j in i + 1..ts.len() {
+            let (a, b) = (&ts[i], &ts[j]);
+            if a.numel() > 0 && b.numel() > 0 && a.ptr < b.ptr + b.nbytes() && b.ptr < a.ptr + a.nbytes() {
+                return Err(to_py(Error::Value(format!("outs[{i}]: memory overlaps outs[{j}]; pass separate tensors"))));
+            }
+        }
+    }
+    with_float!(dtype, "outs", T => {
+        // SAFETY: CPU, dtype and disjointness checked above; the tensors live for the call.
+        let mut outs: Vec<(u64, &mut [T])> = ts.iter().zip(&offsets).map(|(t, &o)| (o, unsafe { t.slice_mut::<T>() })).collect();
+        compute(py, move || {
+            hcore::rademacher_fill(seed, stream, &mut outs);
+            Ok(())
+        })
+    })
+}
+
+/// True when no element of the CPU float tensors is NaN or ±inf (one
+/// parallel scan, no allocation; dtypes may differ).
+#[pyfunction]
+pub fn optim_all_finite(py: Python<'_>, tensors_: List<'_>) -> PyResult<bool> {
+    let ts = tensors("tensors", &tensors_, false)?;
+    let (mut f32s, mut f16s, mut bf16s) = (Vec::new(), Vec::new(), Vec::new());
+    for (i, t) in ts.iter().enumerate() {
+        t.expect_cpu().map_err(to_py)?;
+        // SAFETY: CPU tensors of the matched dtype, alive for the call.
+        match t.dtype {
+            DType::F32 => f32s.push(unsafe { t.slice::<f32>() }),
+            DType::F16 => f16s.push(unsafe { t.slice::<half::f16>() }),
+            DType::BF16 => bf16s.push(unsafe { t.slice::<half::bf16>() }),
+            other => return Err(to_py(Error::DType(format!("tensors[{i}]: expected float32, float16 or bfloat16, got {other}")))),
+        }
+    }
+    compute(py, move || Ok(hcore::all_finite(&f32s) && hcore::all_finite(&f16s) && hcore::all_finite(&bf16s)))
 }
