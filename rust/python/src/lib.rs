@@ -12,6 +12,7 @@ mod cuda;
 mod delta;
 mod error;
 mod importance;
+mod interp;
 mod merge;
 mod ops;
 mod optim;
@@ -37,6 +38,9 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(select::global_top_mask, m)?)?;
     m.add_function(wrap_pyfunction!(merge::merge_tensor, m)?)?;
     m.add_function(wrap_pyfunction!(merge::merge_tensor_files, m)?)?;
+    m.add_function(wrap_pyfunction!(interp::first_nonfinite, m)?)?;
+    m.add_function(wrap_pyfunction!(interp::interp_tensor, m)?)?;
+    m.add_function(wrap_pyfunction!(interp::interp_tensor_files, m)?)?;
     m.add_function(wrap_pyfunction!(pack::packed_row_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(pack::pack_signs, m)?)?;
     m.add_function(wrap_pyfunction!(pack::unpack_signs, m)?)?;

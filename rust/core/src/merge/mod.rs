@@ -33,6 +33,8 @@
 mod block;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod finite;
+pub mod interp;
 mod source;
 
 use std::ops::Range;
