@@ -9,6 +9,7 @@ mod checkpoint;
 mod codebook;
 mod codebook_linear;
 mod cuda;
+mod della;
 mod delta;
 mod error;
 mod importance;
@@ -41,6 +42,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(interp::first_nonfinite, m)?)?;
     m.add_function(wrap_pyfunction!(interp::interp_tensor, m)?)?;
     m.add_function(wrap_pyfunction!(interp::interp_tensor_files, m)?)?;
+    m.add_function(wrap_pyfunction!(della::della_merge, m)?)?;
+    m.add_function(wrap_pyfunction!(della::magprune_keep, m)?)?;
     m.add_function(wrap_pyfunction!(pack::packed_row_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(pack::pack_signs, m)?)?;
     m.add_function(wrap_pyfunction!(pack::unpack_signs, m)?)?;

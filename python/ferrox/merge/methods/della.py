@@ -1,34 +1,41 @@
 """DELLA (``della``: with TIES sign election; ``della_linear``: without):
 generalized task arithmetic whose sparsifier is MagPrune. Within each row
-(a 1-D tensor is one row), the delta with the r-th smallest magnitude of n
-is kept with probability
+(rows along dim 1, as mergekit; a 1-D tensor is one row), the delta with the
+r-th smallest magnitude of n is kept with probability
 
-    p_r = (density − ε) + 2ε · (r − 1) / (n − 1)
+    p_r = (density − ε) + 2ε · (r − 1) / (n − 1)        (n = 1: density − ε)
 
 (larger deltas kept more often, mean ``density``); the kept values are
-rescaled (``rescale``, mergekit's default) so the delta's L1 norm is kept:
-mergekit 0.1.5 rescales by Σ|τ| / Σ|kept|, not by 1/p, and so does ferrox.
+rescaled (``rescale``, mergekit's default) so the delta's L1 norm over the
+whole tensor is kept: mergekit 0.1.5 rescales by Σ|τ| / Σ|kept|, not by
+1/p, and so does ferrox (left unscaled where either sum is below 1e-7).
+Then weights, sign election (della) or a plain sum (della_linear), the
+normaliser (the joining weights' sum, 1 where none join; della_linear: the
+weights' sum, 1 where it is below 1e-8 in magnitude) and ``lambda``, as
+mergekit. Where the draws come from is ``rng``:
 
-As mergekit 0.1.5 (the same torch operations in its order, so a float32
-merge gives its bits for the same random draws). Where the draws come from
-is ``rng``:
-
-- ``tensor`` (default): each tensor has its own generator, seeded from
-  ``seed`` and the tensor's name (``mask_seed``), so a tensor's masks do not
-  depend on which other tensors are merged or in what order (``merge_tensors``
-  on one tensor gives the checkpoint merge's bits).
-- ``mergekit``: mergekit's draws. mergekit (``--random-seed S``) seeds
-  torch's global generator with S once and draws every mask from it, tensor
-  after tensor in its executor's order, which sorts tensors by name
-  (``graph.build_schedule``: lexicographic by the task's tensor name). ferrox
-  then seeds one generator with ``seed`` and merges della tensors in name
-  order, which gives mergekit's output bit for bit in float32 (tested on
-  whole runs). ``merge_tensors`` without a generator draws from torch's
-  global one, as mergekit does.
-
-Torch methods rather than the Rust core: MagPrune's rank-dependent
-Bernoulli masks and the order of mergekit's float32 operations are what
-parity needs, and torch gives both directly.
+- ``tensor`` (default): the Rust core (``ferrox._core.della_merge``). Ranks
+  are exact within each row (ties in |τ| ranked by index), p is computed in
+  float64, and element i of model m (m-th model besides the base) is kept
+  when the Philox4x32-10 uniform of (``mask_seed(seed, tensor name)``,
+  stream m, element i) is below its p. These are not torch's generator's
+  draws: a tensor's masks depend only on the seed, its name, the model's
+  position and the element (not on the other tensors, the merge order, the
+  thread count or the device), and ``merge_tensors`` on one tensor gives
+  the checkpoint merge's bits. τ is computed in float32 from the float32
+  inputs ``TensorMethod`` passes; the L1 sums are float64, the rest float32
+  with the rescale folded into the weight, so a float32 merge agrees with
+  mergekit's arithmetic on the same masks to a few float32 ulp, not bit for
+  bit. CUDA tensors are merged on the CPU and moved back.
+- ``mergekit``: mergekit's draws and arithmetic, in torch. mergekit
+  (``--random-seed S``) seeds torch's global generator with S once and draws
+  every mask from it (``torch.bernoulli``), tensor after tensor in its
+  executor's order, which sorts tensors by name (``graph.build_schedule``:
+  lexicographic by the task's tensor name). ferrox then seeds one generator
+  with ``seed`` and merges della tensors in name order, which gives
+  mergekit's output bit for bit in float32 (tested on whole runs).
+  ``merge_tensors`` without a generator draws from torch's global one, as
+  mergekit does.
 """
 
 import hashlib
@@ -37,18 +44,10 @@ from .base import REQUIRED, Param, TensorMethod
 
 
 def mask_seed(seed: int, tensor_name: str) -> int:
-    """The 64-bit seed of one tensor's generator (every model's mask of that
-    tensor is drawn from it, in model order)."""
+    """The 64-bit Philox key of one tensor's masks (``rng: tensor``; model m
+    draws from stream m)."""
     digest = hashlib.blake2b(f"della\0{seed}\0{tensor_name}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little")
-
-
-def generator_for(seed: int, tensor_name: str, device=None):
-    import torch
-
-    g = torch.Generator(device=device if device is not None else "cpu")
-    g.manual_seed(mask_seed(seed, tensor_name))
-    return g
 
 
 def l1_rescaled(tensor, mask, rescale: bool, eps: float = 1e-7):
@@ -81,7 +80,8 @@ def magprune_probabilities(delta, density: float, epsilon: float):
 
 
 def magprune(delta, density: float, epsilon: float, rescale: bool, generator):
-    """DELLA's MagPrune of one delta (float32)."""
+    """DELLA's MagPrune of one delta (float32) as mergekit: ``torch.bernoulli``
+    draws from ``generator`` (``rng: mergekit``)."""
     import torch
 
     if density >= 1:
@@ -102,6 +102,54 @@ def sign_consensus(deltas):
     return sign == majority
 
 
+def _rows(t):
+    """A float32 CPU tensor whose last dim is ``t``'s dim 1 (the ranked rows), contiguous."""
+    import torch
+
+    t = t.detach().to("cpu", torch.float32)
+    return (t.movedim(1, -1) if t.dim() > 2 else t).contiguous()
+
+
+def core_della(inputs, consensus: bool, normalize: bool, rescale: bool, lam: float, seed: int):
+    """``rng: tensor``: one tensor's della merge in the Rust core (float32)."""
+    import torch
+
+    from ... import _core
+
+    base = inputs.base
+    if base.numel() == 0:
+        return base.clone()
+    b, xs = _rows(base), [_rows(x) for x in inputs.non_base]
+    out = torch.empty_like(b)
+    _core.della_merge(out, b, xs, inputs.values("weight"), inputs.values("density"), inputs.values("epsilon"),
+                      consensus, normalize, rescale, lam, b.shape[-1] if b.dim() >= 2 else 0,
+                      mask_seed(seed, inputs.tensor_name))
+    if base.dim() > 2:
+        out = out.movedim(-1, 1)
+    return out.reshape(base.shape).to(base.device)
+
+
+def core_keep(base, model, density: float, epsilon: float, seed: int, tensor_name: str, index: int, ranks=False):
+    """The keep mask (bool, ``base``'s shape) that ``rng: tensor`` draws for
+    the ``index``-th model besides the base, and with ``ranks`` each
+    element's 0-based rank of |delta| within its row: for tests and
+    inspection."""
+    import torch
+
+    from ... import _core
+
+    b, x = _rows(base), _rows(model)
+    keep = torch.empty(b.shape, dtype=torch.uint8)
+    r = torch.empty(b.shape, dtype=torch.int32) if ranks else None
+    _core.magprune_keep(keep, b, x, b.shape[-1] if b.dim() >= 2 else 0, density, epsilon,
+                        mask_seed(seed, tensor_name), index, r)
+
+    def back(t):
+        return (t.movedim(-1, 1) if base.dim() > 2 else t).reshape(base.shape)
+
+    return (back(keep.bool()), back(r)) if ranks else back(keep.bool())
+
+
 def _della_kernel(consensus: bool):
     def kernel(inputs, normalize, rescale, int8_mask, seed, rng, **shared):
         import torch
@@ -111,10 +159,9 @@ def _della_kernel(consensus: bool):
         others = inputs.non_base
         if not others:
             return base
-        if rng == "mergekit":
-            g = inputs.generator  # None: torch's global generator, mergekit's
-        else:
-            g = generator_for(seed, inputs.tensor_name, base.device if base.is_cuda else None)
+        if rng != "mergekit":
+            return core_della(inputs, consensus, normalize, rescale, lam, seed)
+        g = inputs.generator  # None: torch's global generator, mergekit's
         deltas = base.new_empty((len(others), *base.shape))
         for i, (x, p) in enumerate(zip(others, inputs.per_model)):
             deltas[i] = magprune(x - base, p["density"], p["epsilon"], rescale, g)
@@ -159,10 +206,10 @@ def _params(normalize: bool):
         Param("rescale", "flag", True, doc="rescale kept deltas to the dropped delta's L1 norm"),
         Param("lambda", "number", 1.0, doc="scale of the merged task vector"),
         Param("int8_mask", "flag", False, doc="mergekit's mask dtype switch (no numerical effect)"),
-        Param("seed", "integer", 0, doc="seed of the masks (each tensor's generator: seed and tensor name)"),
+        Param("seed", "integer", 0, doc="seed of the masks (rng tensor: Philox keyed by seed and tensor name)"),
         Param("rng", "choice", "tensor", choices=("tensor", "mergekit"),
-              doc="masks from a generator per tensor, or mergekit's: one generator seeded with seed, tensors "
-                  "in name order"),
+              doc="masks from Philox per tensor (Rust core), or mergekit's: torch's generator seeded with seed, "
+                  "tensors in name order"),
     )
 
 

@@ -21,13 +21,16 @@ pub(super) const BLOCK: usize = 256;
 /// Which elements of one delta survive over one span (a unit of the tensor,
 /// or a row), positioned at the span's first element.
 #[derive(Clone, Copy)]
-pub(super) enum Mask {
+pub(super) enum Mask<'a> {
     All,
     Band { lo: Rule, hi: Rule },
     Random { threshold: f32, seed: u64, stream: u64 },
+    /// Decided beforehand (DELLA's MagPrune): bit `i` of `words` keeps
+    /// element `first + i`.
+    Bits { words: &'a [u64], first: usize },
 }
 
-impl Mask {
+impl Mask<'_> {
     fn needs_keys(&self) -> bool {
         matches!(self, Mask::Band { .. })
     }
@@ -53,6 +56,13 @@ impl Mask {
                 let draws = &draws[start - first * 4..];
                 for (k, &d) in keep.iter_mut().zip(draws) {
                     *k = (philox::u32_to_uniform(d) < *threshold) as u8;
+                }
+            }
+            Mask::Bits { words, first } => {
+                let at = start - *first;
+                for (j, k) in keep.iter_mut().enumerate() {
+                    let i = at + j;
+                    *k = ((words[i >> 6] >> (i & 63)) & 1) as u8;
                 }
             }
         }
@@ -87,7 +97,7 @@ impl Block {
     /// dtype), plus its keys and mask. Returns whether x holds NaN/Inf (the
     /// check rides along the conversion instead of costing its own pass).
     #[inline(always)]
-    fn delta_and_mask<T: Float>(&mut self, x: &[T], start: usize, mask: &mut Mask) -> bool {
+    fn delta_and_mask<T: Float>(&mut self, x: &[T], start: usize, mask: &mut Mask<'_>) -> bool {
         let n = x.len();
         let mut bad = false;
         for ((d, v), b) in self.delta.iter_mut().zip(x).zip(&self.base) {
@@ -110,7 +120,7 @@ multiversion! {
 /// f64 with `LANES` partial sums (element j goes to lane j % LANES, lanes
 /// added in order at the end), so the bits do not depend on threads or
 /// chunking and the loop vectorises.
-pub(super) fn l1_sums<T: Float>(base: &[T], x: &[T], start: usize, mask: Mask) -> (f64, f64) {
+pub(super) fn l1_sums<T: Float>(base: &[T], x: &[T], start: usize, mask: Mask<'_>) -> (f64, f64) {
     let mut mask = mask;
     const LANES: usize = 8;
     let mut blk = Block::new();
@@ -144,7 +154,7 @@ multiversion! {
         models: &[&[T]],
         reference: &[T],
         start: usize,
-        masks: &mut [Mask],
+        masks: &mut [Mask<'_>],
         scales: &[f32],
         weights: &[f32],
         p: &Params,

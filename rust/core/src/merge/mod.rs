@@ -35,6 +35,7 @@ mod block;
 pub mod cuda;
 pub mod finite;
 pub mod interp;
+mod magprune;
 mod source;
 
 use std::ops::Range;
@@ -47,6 +48,7 @@ use crate::simd::multiversion;
 use crate::Float;
 use block::Mask;
 
+pub use magprune::{magprune_keep, merge_della, DellaTerm};
 pub use source::{Chunk, FileInputs, FileOutput, FileTensor, Inputs, Output, SliceInputs, SliceOutput};
 
 /// Elements per parallel work unit of a whole-tensor merge; rescale sums and
@@ -321,7 +323,7 @@ struct TensorCuts {
 }
 
 impl TensorCuts {
-    fn mask(&self, unit: usize) -> Mask {
+    fn mask(&self, unit: usize) -> Mask<'static> {
         let rule = |j: usize| {
             let c = self.cuts[j];
             // A cut whose ordinals do not matter starts its walker at 0 (see
@@ -333,7 +335,7 @@ impl TensorCuts {
     }
 }
 
-fn simple_mask(s: &Sparsify) -> Mask {
+fn simple_mask(s: &Sparsify) -> Mask<'static> {
     match *s {
         Sparsify::Random { density, seed, stream } if density < 1.0 => {
             Mask::Random { threshold: density as f32, seed, stream }
@@ -451,7 +453,7 @@ fn merge_whole<T: Float>(
 ) -> Result<MergeStats> {
     let n = inputs.len();
     let cuts = tensor_cuts(inputs, models, p, chunk_len)?;
-    let masks_at = |unit: usize| -> Vec<Mask> {
+    let masks_at = |unit: usize| -> Vec<Mask<'static>> {
         models.iter().zip(&cuts).map(|(m, c)| c.as_ref().map_or_else(|| simple_mask(&m.sparsify), |c| c.mask(unit))).collect()
     };
     let weights: Vec<f32> = models.iter().map(|m| m.weight).collect();
@@ -518,7 +520,7 @@ fn merge_whole<T: Float>(
 }
 
 /// The mask of one model over one row, from the row's delta keys.
-fn row_mask<T: Float>(s: &Sparsify, base: &[T], x: &[T], keys: &mut Vec<u32>) -> std::result::Result<Mask, usize> {
+fn row_mask<T: Float>(s: &Sparsify, base: &[T], x: &[T], keys: &mut Vec<u32>) -> std::result::Result<Mask<'static>, usize> {
     let row_len = x.len();
     let Some((lo, hi)) = tensor_band(s, row_len) else {
         return Ok(simple_mask(s));
