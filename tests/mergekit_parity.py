@@ -18,6 +18,8 @@ Where every mask agrees and the sign election is not decided by rounding
 as above; the caller checks that most elements were compared (`COVERAGE`).
 """
 
+import math
+
 import torch
 
 ULP_LIMIT = 4.0
@@ -92,3 +94,86 @@ def check_sparsified(name, method, params, fx, mk, base, models, compare_all_dro
     err = _ulp_error(fx, mk, base, models)[keep]
     assert err.numel() == 0 or float(err.max()) <= ULP_LIMIT, f"{name}: {float(err.max())} ulp"
     return int(keep.sum())
+
+
+def model_stock_t(base, models, filter_wise):
+    """Model Stock's t per row in float64 from the f32 task vectors (as both
+    tools round them), its conditioning |dt/dc| and the row length n."""
+    shape = base.shape
+    rows = (lambda x: x.reshape(-1, shape[-1])) if filter_wise and base.dim() > 1 else (lambda x: x.reshape(1, -1))
+    taus = [rows(m.float() - base.float()).double() for m in models]
+    k = len(models)
+    cos = []
+    for i, x in enumerate(taus):
+        for y in taus[i + 1:]:
+            norms = x.norm(dim=-1) * y.norm(dim=-1)
+            cos.append(((x * y).sum(-1) / norms.clamp(min=1e-6)).clamp(-1, 1))
+    c = torch.stack(cos).mean(0)
+    den = 1 + (k - 1) * c
+    singular = den.abs() < 1e-6
+    t = torch.where(singular, 0.0, k * c / torch.where(singular, 1.0, den))
+    slope = torch.where(singular, 0.0, k / torch.where(singular, 1.0, den) ** 2)
+    return t, slope, taus[0].shape[-1]
+
+
+def check_model_stock(name, fx, mk, base, models, filter_wise):
+    """Model Stock rule for one float32 tensor. Both tools compute
+    out = fl(fl(t·avg) + fl(fl(1 − t)·base)) with avg the same f32 sum / k, so
+    they differ only through t. ferrox's t comes from float64 sums of exact
+    products (within 2^-24·|t| of the float64 t); mergekit's from float32
+    norms and dots, which torch reduces blockwise/pairwise: |error of a dot|
+    <= (log2 n + 2)·2^-24·‖x‖‖y‖, so its cosine is within (log2 n + 4)·2^-24
+    and its t within |dt/dc|·(log2 n + 4)·2^-24 + 2^-24·|t| (then the mean of
+    the cosines, one more 2^-24). Per element:
+    |fx − mk| <= Δt·(|avg| + |base|) + 2·2^-24·(|t|·Σ|x_i| + |base|)
+    (the second term: both sides' roundings of the products and the sum with
+    coefficients that differ by Δt)."""
+    t, slope, n = model_stock_t(base, models, filter_wise)
+    u = 2.0 ** -24
+    dt = slope * (math.log2(max(n, 2)) + 5) * u + 2 * u * t.abs()
+    rows = (lambda x: x.reshape(-1, base.shape[-1])) if filter_wise and base.dim() > 1 else (lambda x: x.reshape(1, -1))
+    avg = rows(sum(m.double() for m in models) / len(models))
+    abs_sum = rows(sum(m.double().abs() for m in models))
+    b = rows(base.double())
+    bound = dt[:, None] * (avg.abs() + b.abs()) + 2 * u * (t.abs()[:, None] * abs_sum + b.abs() + avg.abs())
+    err = (rows(fx.double()) - rows(mk.double())).abs()
+    assert bool((err <= bound).all()), f"{name}: |diff| {float(err.max()):.3g} over the bound (max ratio " \
+                                       f"{float((err / bound.clamp(min=1e-300)).max()):.3g})"
+
+
+def _slerp_coefficients(t, dot):
+    if abs(dot) > 0.9995:
+        return 1 - t, t
+    th = math.acos(dot)
+    return math.sin((1 - t) * th) / math.sin(th), math.sin(t * th) / math.sin(th)
+
+
+def check_slerp(name, fx, mk, a, b, t):
+    """Slerp rule for one tensor (a: the base, b: the other model). Both tools
+    compute out = fl(fl(c_a·a) + fl(c_b·b)) in f32 and round once to the
+    output dtype, so they differ only through the coefficients, which depend
+    on the cosine alone. ferrox's cosine is from float64 sums (exact to far
+    below f32); mergekit's from float32 norms and dots of 2^20-element chunks,
+    reduced blockwise/pairwise by torch: within (log2 n + 4)·2^-24 of the
+    float64 cosine. So |Δc| <= max |dc/dcos| over that interval times it
+    (taken by evaluating the coefficients at its ends; both sides' lerp test
+    may flip only if the interval straddles the threshold, and then the
+    bound is both branches' spread), plus 2^-23·|c| for each side's rounding.
+    Per element: |fx − mk| <= |Δc_a|·|a| + |Δc_b|·|b| + 2·2^-24·(|c_a·a| + |c_b·b|)
+    + one unit in the last place of the output dtype."""
+    a64, b64 = a.double().reshape(-1), b.double().reshape(-1)
+    n = max(a64.numel(), 2)
+    na, nb = float(a64.norm()), float(b64.norm())
+    dot = float((a64 @ b64) / ((na if na > 1e-8 else 1) * (nb if nb > 1e-8 else 1))) if a64.numel() else 0.0
+    dot = min(1.0, max(-1.0, dot))
+    u = 2.0 ** -24
+    width = (math.log2(n) + 4) * u
+    ends = [_slerp_coefficients(t, min(1.0, max(-1.0, dot + s * width))) for s in (-1, 0, 1)]
+    ca, cb = ends[1]
+    dca = max(abs(e[0] - ca) for e in ends) + 2 * u * abs(ca)
+    dcb = max(abs(e[1] - cb) for e in ends) + 2 * u * abs(cb)
+    out = fx.double().reshape(-1)
+    bound = (dca * a64.abs() + dcb * b64.abs() + 2 * u * ((ca * a64).abs() + (cb * b64).abs())
+             + ulp(out.float(), fx.dtype).double())
+    err = (out - mk.double().reshape(-1)).abs()
+    assert bool((err <= bound).all()), f"{name}: |diff| {float(err.max()):.3g} over the bound"

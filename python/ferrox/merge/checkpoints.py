@@ -4,8 +4,9 @@ publish the output folder atomically (``ferrox.output``).
 
 A CPU merge by a generalized-task-arithmetic method streams every float
 tensor through the Rust core from the input files to the output file and
-never imports torch; other methods (``TensorMethod``) merge one tensor at a
-time in torch. Integer tensors are copied byte for byte. ``device="cuda"``
+never imports torch; so do slerp and model_stock on the CPU (their fused
+versions in the core, streamed the same way); other methods (``TensorMethod``)
+merge one tensor at a time in torch. Integer tensors are copied byte for byte. ``device="cuda"``
 imports torch to move tensors to the GPU.
 """
 
@@ -22,6 +23,7 @@ from .. import _core, dtypes
 from .. import checkpoint as ckpt
 from ..output import OutputFolder, PlannedTensor
 from .config import MergeConfig, model_num_layers
+from .methods.base import first_nonfinite
 from .settings import LAYER_RE, layer_index
 from .terms import merge_terms, row_length
 from .tokenizer import Ref, VocabPlan, align_rows, build_vocab, is_vocab_tensor, resolve_chat_template, write_tokenizer
@@ -292,13 +294,30 @@ def _merge_on_device(cfg: MergeConfig, p, inputs, entries, writer, allow_nonfini
 
 
 def _check_finite(tensors, paths) -> None:
-    import torch
-
     for i, (x, path) in enumerate(zip(tensors, paths)):
-        bad = ~torch.isfinite(x)
-        if bool(bad.any()):
-            j = int(bad.reshape(-1).nonzero()[0])
+        j = first_nonfinite(x)
+        if j is not None:
             raise ValueError(f"models[{i}] ({path}): non-finite value {float(x.reshape(-1)[j])} at flat index {j}")
+
+
+def _merge_native_files(cfg: MergeConfig, p, entries, writer, chunk_bytes: int, paths, allow_nonfinite: bool):
+    """Merges one float tensor by a torch method's fused core version
+    (slerp, model_stock), streamed from the input files into the output file
+    as ``_merge_one`` streams GTA merges; returns how many elements changed,
+    or None when an input is NaN/inf (nothing was written: the torch path
+    then names it, or merges it under --allow-nonfinite)."""
+    shared, _ = cfg.tensor_params(p.name)
+    args = cfg.method.native_args(p.shape, cfg.method.resolve(shared))
+    compute = _compute_dtype(cfg, entries)
+    width = dtypes.itemsize(compute) * (len(entries) + 1) + dtypes.itemsize(p.dtype)
+    path, offset, _ = writer.where[p.name]
+    locate = lambda e: (e.file, e.data_start, e.dtype)  # noqa: E731
+    models = [locate(e) for i, e in enumerate(entries) if i != cfg.base_index]
+    with _naming_tensor(cfg, p, paths, allow_nonfinite):
+        changed, nonfinite, _ = _core.interp_tensor_files(
+            (path, offset, p.dtype), locate(entries[cfg.base_index]), models, dtypes.numel(p.shape), compute,
+            chunk_len=max(1, chunk_bytes // width), **args)
+    return None if nonfinite else changed
 
 
 def _run_generator(cfg: MergeConfig, device):
@@ -336,7 +355,7 @@ def _merge_torch(cfg: MergeConfig, p, inputs, entries, writer, allow_nonfinite: 
         if not allow_nonfinite:
             _check_finite(tensors, paths)
         result = cfg.method.merge(tensors, cfg.base_index, shared, per_model, tensor_name=p.name,
-                                  generator=generator)
+                                  generator=generator, out_dtype=dtypes.to_torch(p.dtype))
     out = result.to(dtypes.to_torch(p.dtype))
     ref = tensors[cfg.base_index or 0]
     changed = int(torch.count_nonzero(out != ref.to(out.dtype)))
@@ -552,7 +571,7 @@ def _merge_sliced(cfg: MergeConfig, out: str, *, force, max_shard_bytes, allow_n
                         if not allow_nonfinite:
                             _check_finite(tensors, job_paths)
                         result = cfg.method.merge(tensors, job.sl.base_index, shared, per_model, tensor_name=p.name,
-                                                  generator=generator)
+                                                  generator=generator, out_dtype=dtypes.to_torch(p.dtype))
                     res = result.to(dtypes.to_torch(p.dtype))
                     ref = tensors[job.sl.base_index or 0]
                     density[p.name] = int(torch.count_nonzero(res != ref.to(res.dtype))) / max(1, res.numel())
@@ -646,8 +665,15 @@ def merge_checkpoints(cfg: MergeConfig, out: str, *, force: bool = False, max_sh
                     in_memory = (vocab is not None and is_vocab_tensor(p.name)) or any(
                         i.adapted(e) for i, e in zip(inputs, entries))
                     if not cfg.method.in_core:
-                        changed = _merge_torch(cfg, p, inputs, entries, writer, allow_nonfinite, paths, gpu,
-                                               generator, vocab)
+                        streamed = (gpu is None and not in_memory and cfg.base_index is not None
+                                    and getattr(cfg.method, "native", None) is not None)
+                        changed = None
+                        if streamed:
+                            changed = _merge_native_files(cfg, p, entries, writer, chunk_bytes, paths,
+                                                          allow_nonfinite)
+                        if changed is None:
+                            changed = _merge_torch(cfg, p, inputs, entries, writer, allow_nonfinite, paths, gpu,
+                                                   generator, vocab)
                     elif gpu is not None or in_memory:
                         changed = _merge_on_device(cfg, p, inputs, entries, writer, allow_nonfinite, paths, gpu,
                                                    vocab)

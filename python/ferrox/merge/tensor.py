@@ -7,6 +7,7 @@ import torch
 from .. import _checks, _core
 from ..cuda import stream_of
 from .methods import GeneralizedTaskArithmetic, MergeMethod, get_method
+from .methods.base import first_nonfinite
 from .terms import GRANULARITIES, SPARSIFIERS, merge_terms, rng_stream, row_length  # noqa: F401
 
 
@@ -113,9 +114,8 @@ def _merge_torch(m, base, models, *, weight, check_finite, out, unused, params, 
     names = ([] if base is None else ["base"]) + [f"models[{i}]" for i in range(len(models))]
     if check_finite:
         for name, t in zip(names, tensors):
-            bad = ~torch.isfinite(t)
-            if bool(bad.any()):
-                j = int(bad.reshape(-1).nonzero()[0])
+            j = first_nonfinite(t)
+            if j is not None:
                 raise ValueError(f"{name}: non-finite value {float(t.reshape(-1)[j])} at flat index {j}")
     base_index = None if base is None or m.base_policy == "input" else 0
     n_other = len(tensors) - (base_index is not None)
@@ -136,7 +136,7 @@ def _merge_torch(m, base, models, *, weight, check_finite, out, unused, params, 
             raise ValueError(f"{key}: expected {n_other} values (one per model), got {len(values)}")
         for pm, v in zip(per_model, values):
             pm[key] = v
-    result = m.merge(tensors, base_index, params, per_model, tensor_name=tensor_name).to(tensors[0].dtype)
+    result = m.merge(tensors, base_index, params, per_model, tensor_name=tensor_name, out_dtype=tensors[0].dtype)
     if out is None:
         return result
     out.copy_(result)

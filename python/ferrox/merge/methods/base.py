@@ -6,8 +6,11 @@ merges. ``config.py`` validates a YAML config from these declarations alone;
 Methods of generalized task arithmetic run in the Rust core (``in_core``);
 every other method is a per-tensor torch function (``TensorMethod``): its
 inputs come cast to float32, its result is float32 and the caller casts it
-to the output dtype. No torch import here: a streamed CPU merge by the core
-never loads it.
+to the output dtype. A ``TensorMethod`` may also name a fused version in the
+Rust core (``native``: slerp, model_stock), which a streamed CPU checkpoint
+merge runs from the files in the inputs' own dtype into the output dtype; the
+torch function stays the reference it is tested against. No torch import here: a streamed CPU merge
+by the core never loads it.
 """
 
 import math
@@ -46,6 +49,24 @@ def _f32_sum(values) -> float:
     for v in values:
         total = _f32(total + _f32(v))
     return total
+
+
+def first_nonfinite(x) -> Optional[int]:
+    """The flat index of the first NaN or ±inf of a float tensor, or None:
+    the Rust core's scan (exponent bits, no conversion) for CPU tensors,
+    torch's ``isfinite`` elsewhere."""
+    if x.device.type == "cpu" and str(x.dtype) in _NATIVE_DTYPES:
+        from ... import _core
+
+        return _core.first_nonfinite(x)
+    import torch
+
+    bad = ~torch.isfinite(x)
+    return int(bad.reshape(-1).nonzero()[0]) if bool(bad.any()) else None
+
+
+#: torch dtypes the Rust core reads and writes
+_NATIVE_DTYPES = ("torch.float32", "torch.float16", "torch.bfloat16")
 
 
 def _kind(value) -> str:
@@ -214,6 +235,10 @@ class TensorMethod(MergeMethod):
     shape_of_inputs: str = ""
     #: cross-parameter check ``check(shared, per_model)``; raises ValueError
     extra_check: Optional[Callable] = field(default=None, repr=False)
+    #: the Rust core's fused version of ``kernel`` (methods with a required
+    #: base): ``native(shape, **shared) -> dict``, the keyword arguments of
+    #: ``_core.interp_tensor`` / ``interp_tensor_files`` (method, t, row_len, ...)
+    native: Optional[Callable] = field(default=None, repr=False)
 
     def __post_init__(self):
         if self.base not in BASE_POLICIES[1:]:
@@ -283,12 +308,23 @@ class TensorMethod(MergeMethod):
                 out[p.name] = p.default
         return out
 
+    def native_args(self, shape, shared: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
+        """The core's arguments for one tensor of ``shape`` (``shared``
+        resolved), or None when the method has no fused version."""
+        if self.native is None or self.base != "required":
+            return None
+        return self.native(tuple(shape), **shared)
+
     def merge(self, tensors: Sequence[Any], base_index: Optional[int] = None, shared=None,
-              per_model: Optional[Sequence[Mapping[str, Any]]] = None, tensor_name: str = "", generator=None):
+              per_model: Optional[Sequence[Mapping[str, Any]]] = None, tensor_name: str = "", generator=None,
+              out_dtype=None):
         """One tensor's merge: ``tensors`` in mergekit's model order (any float
-        dtype; cast to float32 here), ``base_index`` the base's position,
-        ``shared``/``per_model`` resolved parameters (checked again here).
-        Returns a float32 tensor of the inputs' shape."""
+        dtype; cast to float32 for the torch kernel), ``base_index`` the base's
+        position, ``shared``/``per_model`` resolved parameters (checked again
+        here). Returns a tensor of the inputs' shape in ``out_dtype`` (float32
+        when None): the torch kernel's f32 result rounded once. (The fused
+        core version, ``native``, serves streamed CPU checkpoint merges; this
+        stays the reference, bitwise mergekit's in float32.)"""
         import torch
 
         tensors = list(tensors)
@@ -311,6 +347,7 @@ class TensorMethod(MergeMethod):
                              f"got {len(per_model)}")
         per_model = [self.resolve_model(v, f"models[{i}]") for i, v in enumerate(per_model)]
         self.check_params(shared, per_model)
+        out_dtype = torch.float32 if out_dtype is None else out_dtype
         f32 = tuple(t.to(torch.float32) for t in tensors)
         out = self.kernel(Inputs(f32, base_index, tuple(per_model), tensor_name, generator), **shared)
-        return out.to(torch.float32).reshape(shape)
+        return out.to(torch.float32).reshape(shape).to(out_dtype)

@@ -4,8 +4,11 @@ whole tensor, per row or per column) and ``multislerp`` (any number of models:
 a weighted mean on the unit hypersphere through its tangent space).
 
 Semantics, thresholds and the order of operations are mergekit 0.1.5's, so
-a float32 merge gives its bits; torch is imported only when a tensor is
-merged.
+a float32 merge by these torch functions gives its bits; torch is imported
+only when a tensor is merged. A CPU merge by ``slerp`` runs its fused version
+in the Rust core (``ferrox_core::merge::interp``): the same formula with the
+norms and the dot summed in float64, so its coefficients can differ from
+mergekit's in the last bits (tests/mergekit_parity.py states the bound).
 """
 
 from .base import REQUIRED, Param, TensorMethod, _f32_sum
@@ -57,6 +60,10 @@ def slerp(t: float, v0, v1, dot_threshold: float = DOT_THRESHOLD, eps: float = S
 
 def _slerp_kernel(inputs, t):
     return slerp(t, inputs.base, inputs.non_base[0])
+
+
+def _slerp_native(shape, t):
+    return dict(method="slerp", t=t, dot_threshold=DOT_THRESHOLD, eps=SLERP_EPS)
 
 
 def nuslerp(t: float, v0, v1, dim: int = -1, eps: float = 1e-8, flatten: bool = False):
@@ -146,6 +153,7 @@ METHODS = [
         "slerp", "https://en.wikipedia.org/wiki/Slerp", _slerp_kernel,
         (Param("t", "number", REQUIRED, lo=0.0, hi=1.0, doc="0: the base model, 1: the other model"),),
         base="required", min_inputs=2, max_inputs=2, shape_of_inputs="base_model and one other model",
+        native=_slerp_native,
     ),
     TensorMethod(
         "nuslerp", "https://goddard.blog/posts/multislerp-wow-what-a-cool-idea", _nuslerp_kernel,
