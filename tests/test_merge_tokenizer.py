@@ -190,7 +190,20 @@ def test_base_source_bitwise_mergekit(zoo, tmp_path, method, params):
     raw.update(tokenizer_source="base", dtype="float32")
     fx_merge(raw, tmp_path / "fx")
     run_mergekit(raw, tmp_path / "mk")
-    assert_same_output(tmp_path / "fx", tmp_path / "mk")
+    if params is None:
+        # Slerp of the tensors outside the vocabulary runs the core's fused
+        # kernel (float64 cosine): mergekit_parity's slerp bound, not bits.
+        # The re-indexed vocabulary rows take the torch path: bitwise.
+        assert vocab(tmp_path / "fx") == vocab(tmp_path / "mk")
+        fx, mk, ta, tc = tensors(tmp_path / "fx"), tensors(tmp_path / "mk"), tensors(a), tensors(c)
+        assert set(fx) == set(mk)
+        for name in fx:
+            if name in ("model.embed_tokens.weight", "lm_head.weight"):
+                assert torch.equal(fx[name], mk[name]), name
+            else:
+                mergekit_parity.check_slerp(name, fx[name], mk[name], ta[name], tc[name], 0.3)
+    else:
+        assert_same_output(tmp_path / "fx", tmp_path / "mk")
     assert vocab(tmp_path / "fx") == vocab(a)
 
 
