@@ -3,7 +3,9 @@
 //! dtype, as the rest of the core) with the r-th smallest |τ| of n is kept
 //! with probability
 //!
-//!     p_r = (density − ε) + 2ε · (r − 1) / (n − 1)     (n = 1: density − ε)
+//! ```text
+//! p_r = (density − ε) + 2ε · (r − 1) / (n − 1)     (n = 1: density − ε)
+//! ```
 //!
 //! computed in f64, ties in |τ| ranked by index (a stable sort). Element i of
 //! model m is kept when the Philox uniform of (seed, stream m, element i) is
