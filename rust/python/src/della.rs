@@ -5,6 +5,7 @@ use ferrox_core::{DType, Error};
 use pyo3::prelude::*;
 
 use crate::error::to_py;
+use crate::merge::check_models_like_base;
 use crate::runtime::compute;
 use crate::tensor::Tensor;
 use crate::with_float;
@@ -47,16 +48,7 @@ pub fn della_merge(
     let models = models.iter().map(|m| Tensor::input("models[i]", m)).collect::<PyResult<Vec<_>>>()?;
     (|| {
         check_like(&base, &out)?;
-        for (i, m) in models.iter().enumerate() {
-            if m.dtype != base.dtype || m.shape != base.shape || m.device != base.device {
-                return Err(Error::Shape(format!(
-                    "models[{i}]: {} {:?} on {} does not match base {} {:?} on {}",
-                    m.dtype, m.shape, m.device, base.dtype, base.shape, base.device
-                )));
-            }
-            out.check_alias(m, false)?;
-        }
-        out.check_alias(&base, false)?;
+        check_models_like_base(&base, &models, &out)?;
         let count = models.len();
         if weights.len() != count || densities.len() != count || epsilons.len() != count {
             return Err(Error::Shape(format!(

@@ -10,6 +10,7 @@ use ferrox_core::{DType, Error};
 use pyo3::prelude::*;
 
 use crate::error::to_py;
+use crate::merge::check_models_like_base;
 use crate::runtime::compute;
 use crate::tensor::Tensor;
 use crate::with_float;
@@ -77,16 +78,7 @@ pub fn interp_tensor(
         if out.shape != base.shape {
             return Err(Error::Shape(format!("out: shape {:?} does not match base shape {:?}", out.shape, base.shape)));
         }
-        for (i, m) in models.iter().enumerate() {
-            if m.dtype != base.dtype || m.shape != base.shape || m.device != base.device {
-                return Err(Error::Shape(format!(
-                    "models[{i}]: {} {:?} on {} does not match base {} {:?} on {}",
-                    m.dtype, m.shape, m.device, base.dtype, base.shape, base.device
-                )));
-            }
-            out.check_alias(m, false)?;
-        }
-        out.check_alias(&base, false)?;
+        check_models_like_base(&base, &models, &out)?;
         parse_interp(method, t, dot_threshold, eps)
     })()
     .map_err(to_py)?;

@@ -15,6 +15,22 @@ use crate::with_float;
 /// One model's sparsifier as passed from Python: (kind, density, gamma, seed, stream).
 type SparsifySpec = (String, f64, f64, u64, u64);
 
+/// Every model has the base's dtype, shape and device, and `out` aliases
+/// none of the inputs (shared by the della and interpolation bindings).
+pub(crate) fn check_models_like_base(base: &Tensor, models: &[Tensor], out: &Tensor) -> Result<(), Error> {
+    for (i, m) in models.iter().enumerate() {
+        if m.dtype != base.dtype || m.shape != base.shape || m.device != base.device {
+            return Err(Error::Shape(format!(
+                "models[{i}]: {} {:?} on {} does not match base {} {:?} on {}",
+                m.dtype, m.shape, m.device, base.dtype, base.shape, base.device
+            )));
+        }
+        out.check_alias(m, false)?;
+    }
+    out.check_alias(base, false)?;
+    Ok(())
+}
+
 fn parse_sparsify(i: usize, (kind, density, gamma, seed, stream): &SparsifySpec) -> Result<Sparsify, Error> {
     Ok(match kind.as_str() {
         "none" => Sparsify::Keep,
@@ -92,16 +108,7 @@ pub fn merge_tensor(
     let terms = (|| {
         base.expect_dtype(&[DType::F32, DType::F16, DType::BF16])?;
         base.expect_same(&out)?;
-        for (i, m) in models.iter().enumerate() {
-            if m.dtype != base.dtype || m.shape != base.shape || m.device != base.device {
-                return Err(Error::Shape(format!(
-                    "models[{i}]: {} {:?} on {} does not match base {} {:?} on {}",
-                    m.dtype, m.shape, m.device, base.dtype, base.shape, base.device
-                )));
-            }
-            out.check_alias(m, false)?;
-        }
-        out.check_alias(&base, false)?;
+        check_models_like_base(&base, &models, &out)?;
         parse_models(&weights, &sparsify, models.len())
     })()
     .map_err(to_py)?;
