@@ -21,32 +21,39 @@ from conftest import HAS_CUDA
 
 # --- the inverse recursion -----------------------------------------------------
 
-def explicit_inverse(vs, mode, gamma):
-    """Inverse after the updates by explicit float64 inverses of the recursion."""
+def explicit_inverse(vs, mode, gamma, damping=0.0):
+    """Inverse after the updates by explicit float64 inverses of the recursion
+    (paper mode: the factor L ← inv((1−δ)·(γL)⁻¹ + δ·I) + (1−γ)·v·vᵀ, which
+    is the EMA γL + (1−γ)·v·vᵀ at δ = 0)."""
     n = vs[0].numel()
     eye = torch.eye(n, dtype=torch.float64)
+    inv = torch.linalg.inv
     if mode == "reference":
-        inv = eye.clone()
+        w = eye.clone()
         for v in vs:
-            inv = torch.linalg.inv(torch.linalg.inv(gamma * inv + (1 - gamma) * eye) + torch.outer(v, v))
-        return inv
+            w = inv(inv(gamma * w + (1 - gamma) * eye) + torch.outer(v, v))
+        return w
     factor = eye.clone()
     for v in vs:
-        factor = gamma * factor + (1 - gamma) * torch.outer(v, v)
-    return torch.linalg.inv(factor)
+        decayed = gamma * factor if damping == 0 else inv((1 - damping) * inv(gamma * factor) + damping * eye)
+        factor = decayed + (1 - gamma) * torch.outer(v, v)
+    return inv(factor)
 
 
-@pytest.mark.parametrize("mode", ["reference", "paper"])
-def test_sherman_morrison_matches_explicit_inverse_float64(mode):
+MODES = [("reference", 0.0), ("paper", 0.0), ("paper", 0.02), ("paper", 0.3)]
+
+
+@pytest.mark.parametrize("mode,damping", MODES)
+def test_sherman_morrison_matches_explicit_inverse_float64(mode, damping):
     g = torch.Generator().manual_seed(0)
     n, gamma = 8, 0.95
     vs = [torch.randn(n, generator=g, dtype=torch.float64) for _ in range(100)]
     inv = torch.eye(n, dtype=torch.float64)
     for v in vs:
         inv, flagged, _, reset = rank1_update_reference(inv, v, flagged=False, mode=mode, stat_decay=gamma,
-                                                        stabilizer_threshold=1e300)
+                                                        stabilizer_threshold=1e300, damping=damping)
         assert not flagged and not reset
-    want = explicit_inverse(vs, mode, gamma)
+    want = explicit_inverse(vs, mode, gamma, damping)
     rel = float((inv - want).norm() / want.norm())
     assert rel < 1e-10, rel
 
@@ -58,14 +65,14 @@ def layer_problem(seed=0, n=64, d_in=5, d_out=3):
     return x, y
 
 
-@pytest.mark.parametrize("mode", ["reference", "paper"])
-def test_optimizer_factors_are_the_recursion_of_the_batch_means(mode):
+@pytest.mark.parametrize("mode,damping", MODES)
+def test_optimizer_factors_are_the_recursion_of_the_batch_means(mode, damping):
     """Through hooks and step, float64 inverses: A⁻¹ and G⁻¹ equal the explicit
     recursion over the batch means computed here by autograd (1e-10)."""
     torch.manual_seed(1)
     layer = nn.Linear(5, 3).double()
     opt = MKOR(layer.parameters(), model=layer, lr=0.01, mode=mode, factor_dtype=torch.float64,
-               stabilizer_threshold=1e300, stat_decay=0.9)
+               stabilizer_threshold=1e300, stat_decay=0.9, damping=damping)
     x, y = layer_problem()
     x, y = x.double(), y.double()
     a_vs, g_vs = [], []
@@ -81,7 +88,7 @@ def test_optimizer_factors_are_the_recursion_of_the_batch_means(mode):
         opt.step()
     st_ = opt.factors(0)
     for got, vs in ((st_["a_inv"], a_vs), (st_["g_inv"], g_vs)):
-        want = explicit_inverse(vs, mode, 0.9)
+        want = explicit_inverse(vs, mode, 0.9, damping)
         assert float((got - want).norm() / want.norm()) < 1e-10
 
 
@@ -101,21 +108,21 @@ def fused(invs, vecs, flags, **kw):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("mode", ["reference", "paper"])
-def test_fused_update_matches_torch_reference(dtype, mode):
+@pytest.mark.parametrize("mode,damping", [("reference", 0.0), ("paper", 0.0), ("paper", 0.3)])
+def test_fused_update_matches_torch_reference(dtype, mode, damping):
     g = torch.Generator().manual_seed(3)
     sizes = [1, 4, 17, 70, 9]
     invs = [sym_factor(n, g, dtype) for n in sizes]
     start = [t.clone() for t in invs]
     vecs = [torch.randn(n, generator=g) for n in sizes]
     flags = torch.tensor([1.0, 0.0, 1.0, 0.0, 0.0])
-    kw = dict(mode=mode, stat_decay=0.9, stabilization_factor=0.2, threshold=1.05)
+    kw = dict(mode=mode, stat_decay=0.9, stabilization_factor=0.2, threshold=1.05, damping=damping)
     fl, maxabs = fused(invs, vecs, flags, **kw)
     ulp = {torch.float32: 2.0 ** -23, torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}[dtype]
     for k, (w0, v) in enumerate(zip(start, vecs)):
         want, wflag, wtop, reset = rank1_update_reference(
             w0.double(), v.double(), flagged=bool(flags[k]), mode=mode, stat_decay=0.9,
-            stabilization_factor=0.2, stabilizer_threshold=1.05)
+            stabilization_factor=0.2, stabilizer_threshold=1.05, damping=damping)
         assert not reset
         err = float((invs[k].double() - want).abs().max())
         # f32 compute (relative ~n·2^-24) plus one rounding to the storage type.
@@ -139,6 +146,31 @@ def test_fused_update_refuses_bad_inputs():
     with pytest.raises(ValueError, match="stat_decay"):
         fused([inv], [torch.ones(3)], torch.zeros(1), mode="paper", stat_decay=1.0,
               stabilization_factor=0.1, threshold=2.0)
+    for mode, damping in (("paper", 1.5), ("paper", -0.1), ("reference", 0.1)):
+        with pytest.raises(ValueError, match="damping"):
+            fused([inv], [torch.ones(3)], torch.zeros(1), mode=mode, stat_decay=0.9,
+                  stabilization_factor=0.1, threshold=2.0, damping=damping)
+
+
+@pytest.mark.parametrize("gamma,damping", [(0.9, 0.5), (0.95, 0.2), (0.8, 1.0)])
+def test_paper_damping_bounds_the_inverse_where_no_vector_refreshes_it(gamma, damping):
+    """Vectors in span(e0, e1) only: along e2..e5 the inverse follows
+    μ ← (1−δ)·μ/γ + δ and settles at δγ/(δ+γ−1) (fused kernel, f32), where
+    the undamped paper mode grows as γ^−t."""
+    g = torch.Generator().manual_seed(4)
+    n, steps = 6, 200
+    invs = {d: [torch.eye(n, dtype=torch.float32)] for d in (0.0, damping)}
+    for _ in range(steps):
+        v = torch.zeros(n)
+        v[:2] = torch.randn(2, generator=g)
+        for d, inv in invs.items():
+            fused(inv, [v], torch.zeros(1), mode="paper", stat_decay=gamma, stabilization_factor=0.0,
+                  threshold=1e30, damping=d)
+    fixed = damping * gamma / (damping + gamma - 1)
+    rest = invs[damping][0][2:, 2:]
+    assert torch.allclose(rest, fixed * torch.eye(n - 2), rtol=1e-5, atol=1e-6), (rest.diagonal(), fixed)
+    assert float(invs[damping][0][:2, 2:].abs().max()) < 1e-6
+    assert float(invs[0.0][0][2, 2]) > 0.5 * gamma ** -steps  # undamped: unbounded growth
 
 
 @pytest.mark.parametrize("mode", ["reference", "paper"])
@@ -342,15 +374,69 @@ def test_hybrid_falls_back_when_the_loss_stops_falling():
 
 
 @given(st.sampled_from(["lr", "stat_decay", "inv_freq", "stabilization_factor", "mode", "inner", "factor_dtype",
-                        "hybrid_window", "momentum"]))
-@settings(max_examples=10)
+                        "hybrid_window", "momentum", "damping"]))
+@settings(max_examples=11)
 def test_invalid_hyperparameters_name_themselves(name):
     bad = {"lr": -1.0, "stat_decay": 1.0, "inv_freq": 0, "stabilization_factor": 2.0, "mode": "exact",
-           "inner": "rmsprop", "factor_dtype": torch.int8, "hybrid_window": 0, "momentum": 1.5}[name]
+           "inner": "rmsprop", "factor_dtype": torch.int8, "hybrid_window": 0, "momentum": 1.5,
+           "damping": 1.5}[name]
     layer = nn.Linear(2, 2)
     kw = {"lr": 0.1, name: bad}
+    if name == "damping":
+        kw["mode"] = "paper"
     with pytest.raises(ValueError, match=name):
         MKOR(layer.parameters(), model=layer, **kw)
+
+
+def test_damping_is_refused_in_reference_mode():
+    layer = nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="damping"):
+        MKOR(layer.parameters(), model=layer, lr=0.1, damping=0.1)
+
+
+class GroupedNet(nn.Module):
+    """A grouped and a depthwise convolution between a plain conv and a Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.grouped = nn.Conv2d(4, 4, 3, padding=1, groups=2)
+        self.depthwise = nn.Conv2d(4, 4, 3, padding=1, groups=4)
+        self.fc = nn.Linear(4 * 64, 10)
+
+    def forward(self, x):
+        h = torch.tanh(self.conv(x.view(-1, 1, 8, 8)))
+        h = torch.tanh(self.depthwise(torch.tanh(self.grouped(h))))
+        return self.fc(h.flatten(1))
+
+
+def test_grouped_convolutions_are_left_to_the_inner_optimizer(digits):
+    """groups > 1: no hooks and no factors; the step hands the plain gradient
+    to the inner SGD-momentum (a twin torch SGD fed the same gradients moves
+    those weights bit for bit alike), while the groups=1 layers get the
+    preconditioned one."""
+    x, y = digits
+    torch.manual_seed(0)
+    model = GroupedNet()
+    opt = MKOR(model.parameters(), model=model, lr=0.05, momentum=0.9)
+    assert [layer.module for layer in opt._layers] == [model.conv, model.fc]
+    assert all(not m._forward_hooks for m in (model.grouped, model.depthwise))
+    grouped = [model.grouped.weight, model.grouped.bias, model.depthwise.weight, model.depthwise.bias]
+    twin = [p.detach().clone().requires_grad_() for p in grouped]
+    sgd = torch.optim.SGD(twin, lr=0.05, momentum=0.9, foreach=False)
+    for s in range(4):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x[64 * s:64 * s + 64]), y[64 * s:64 * s + 64]).backward()
+        plain = [p.grad.clone() for p in grouped]
+        fc_plain = model.fc.weight.grad.clone()
+        opt.step()
+        assert all(torch.equal(p.grad, g) for p, g in zip(grouped, plain))
+        assert not torch.allclose(model.fc.weight.grad, fc_plain)  # preconditioned
+        for t, g in zip(twin, plain):
+            t.grad = g
+        sgd.step()
+        assert all(torch.equal(p, t) for p, t in zip(grouped, twin)), s
+    assert len([k for k in opt.global_state if k.endswith("a_inv")]) == 2
 
 
 # --- convergence -------------------------------------------------------------------

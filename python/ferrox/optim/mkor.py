@@ -1,8 +1,12 @@
 """MKOR and MKOR-H: Kronecker-factored preconditioning kept as inverses and
 updated by rank-1 Sherman–Morrison steps (Mozaffari et al., NeurIPS 2023).
 
-Every ``nn.Linear`` and ``nn.Conv2d`` (groups=1) of ``model`` whose weight is
-optimized, the root module included, is preconditioned. Hooks capture the
+Every ``nn.Linear`` and ``nn.Conv2d`` of ``model`` whose weight is optimized,
+the root module included, is preconditioned, except grouped convolutions
+(``groups > 1``, depthwise ones included): their weight is block-diagonal
+across groups, which one Kronecker pair over all channels does not model, so
+they are left to the inner optimizer with their plain gradients (no hooks,
+no factors). Hooks capture the
 batch-mean input vector ā (with a trailing 1 when the bias is optimized) and
 the batch-mean output-gradient vector ḡ; each layer keeps the inverses
 A⁻¹ ((d_in+1)²) and G⁻¹ (d_out²) of its two factors and never the factors.
@@ -15,9 +19,16 @@ A step
    * ``"reference"`` (default; the reference code's): damping in inverse
      space, Inv ← (inv(γ·Inv + (1−γ)·I) + v·vᵀ)⁻¹;
    * ``"paper"``: the exact inverse of the factor EMA L ← γ·L + (1−γ)·v·vᵀ
-     (L₀ = I), i.e. Inv ← SM(Inv/γ, √(1−γ)·v). Its damping term is the
-     identity part of L, which decays as γᵗ along directions the vectors do
-     not refresh; the stabiliser puts it back (below).
+     (L₀ = I), i.e. Inv ← SM(Inv/γ, √(1−γ)·v). Without damping its only
+     damping term is the identity part of L, which decays as γᵗ along
+     directions the vectors do not refresh (the stabiliser then puts it
+     back, below). ``damping`` δ ∈ [0, 1] (default 0: the exact EMA inverse)
+     blends the decayed inverse towards I before the rank-1 step,
+     Inv ← SM((1−δ)·Inv/γ + δ·I, √(1−γ)·v), i.e. L ← inv((1−δ)·(γL)⁻¹ + δ·I)
+     + (1−γ)·v·vᵀ: for δ > 1−γ the eigenvalues of L along directions no
+     vector refreshes settle at (δ+γ−1)/(δγ) (those of Inv at δγ/(δ+γ−1))
+     instead of decaying to 0. The ``"reference"`` mode's damping is fixed
+     (1−γ, in inverse space) and takes no ``damping``.
 
 2. preconditions ΔW = G⁻¹ · [∇W | ∇b] · A⁻¹ (torch GEMMs in f32) and rescales
    it to the Frobenius norm of [∇W | ∇b] (a non-finite ratio keeps the plain
@@ -79,7 +90,7 @@ def _core():
 
 def rank1_update_reference(inv: torch.Tensor, v: torch.Tensor, *, flagged: bool, mode: str = "reference",
                            stat_decay: float = 0.95, stabilization_factor: float = 0.1,
-                           stabilizer_threshold: float = 2.0):
+                           stabilizer_threshold: float = 2.0, damping: float = 0.0):
     """One factor's update in torch, in ``inv``'s dtype: the algebra of the
     fused kernel (see the module docstring), without its float order.
     Returns (new inverse, flagged for the next update, max|new|, reset to I)."""
@@ -90,7 +101,7 @@ def rank1_update_reference(inv: torch.Tensor, v: torch.Tensor, *, flagged: bool,
     if mode == "reference":
         m, vec = gamma * w + (1 - gamma) * eye, v.to(inv.dtype)
     else:
-        m, vec = w / gamma, math.sqrt(1 - gamma) * v.to(inv.dtype)
+        m, vec = (1 - damping) / gamma * w + damping * eye, math.sqrt(1 - gamma) * v.to(inv.dtype)
     u = m @ vec
     d = 1 + vec @ u
     new = m - torch.outer(u, u) / d if bool(torch.isfinite(d)) and float(d) > 0 else m
@@ -217,7 +228,11 @@ class MKOR(Optimizer):
     ``params``: the parameters to optimize (all of them; the Linear/Conv2d
     weights among them are preconditioned). ``model``: the module whose
     layers are hooked. ``lr``, ``momentum``, ``weight_decay``, ``betas``,
-    ``eps``: the inner optimizer's. ``grad_scaler``: a ``torch.amp.GradScaler``
+    ``eps``: the inner optimizer's. ``mode``: ``"reference"`` or ``"paper"``;
+    ``damping``: the paper mode's blend of the inverse towards I, in [0, 1]
+    (0, the default, is the exact EMA inverse; see the module docstring).
+    Grouped ``nn.Conv2d`` layers (``groups > 1``) are not preconditioned.
+    ``grad_scaler``: a ``torch.amp.GradScaler``
     whose scale the output gradients carry (use ``scaler.step(opt)``).
     ``process_group``: for the all-reduce of the statistics (default: the
     world group when torch.distributed is initialised).
@@ -227,7 +242,7 @@ class MKOR(Optimizer):
 
     def __init__(self, params, *, model: nn.Module, lr: float, inner: str = "sgd", momentum: float = 0.9,
                  weight_decay: float = 0.0, betas=(0.9, 0.999), eps: float = 1e-6, mode: str = "reference",
-                 stat_decay: float = 0.95, inv_freq: int = 1, stabilization_factor: float = 0.1,
+                 damping: float = 0.0, stat_decay: float = 0.95, inv_freq: int = 1, stabilization_factor: float = 0.1,
                  stabilizer_threshold: float = 2.0, factor_dtype: torch.dtype = torch.float16,
                  clipping_value: float = 100.0, hybrid: bool = False, hybrid_window: int = 20,
                  hybrid_tol: float = 0.01, grad_scaler=None, process_group=None,
@@ -241,6 +256,9 @@ class MKOR(Optimizer):
         betas = check_betas("betas", betas)
         eps = check_float("eps", eps, lo=0.0, lo_open=True)
         self.mode = check_choice("mode", mode, _MODES)
+        self.damping = check_float("damping", damping, lo=0.0, hi=1.0)
+        if self.mode == "reference" and self.damping != 0.0:
+            raise ValueError(f"damping: only mode='paper' takes it (the reference mode's is fixed), got {damping!r}")
         self.stat_decay = check_float("stat_decay", stat_decay, lo=0.0, hi=1.0, lo_open=True, hi_open=True)
         self.inv_freq = check_int("inv_freq", inv_freq, lo=1)
         self.stabilization_factor = check_float("stabilization_factor", stabilization_factor, lo=0.0, hi=1.0)
@@ -270,7 +288,7 @@ class MKOR(Optimizer):
         optimized = {id(p) for g in self.param_groups for p in g["params"]}
         self._layers = []
         for m in model.modules():
-            is_conv = isinstance(m, nn.Conv2d) and m.groups == 1
+            is_conv = isinstance(m, nn.Conv2d) and m.groups == 1  # grouped: see the module docstring
             if (isinstance(m, nn.Linear) or is_conv) and id(m.weight) in optimized:
                 bias_used = m.bias is not None and id(m.bias) in optimized
                 self._layers.append(_Layer(m, bias_used, self, len(self._layers)))
@@ -382,7 +400,8 @@ class MKOR(Optimizer):
         states = [self._factors(l) for l in layers]
         invs = [st[k] for st in states for k in ("a_inv", "g_inv")]
         flags = torch.cat([st["flags"] for st in states])
-        kw = dict(mode=self.mode, stat_decay=self.stat_decay, stabilization_factor=self.stabilization_factor)
+        kw = dict(mode=self.mode, stat_decay=self.stat_decay, stabilization_factor=self.stabilization_factor,
+                  damping=self.damping)
         if self.factor_dtype == torch.float64:
             maxabs = torch.empty_like(flags)
             for k, (inv, v) in enumerate(zip(invs, vecs)):

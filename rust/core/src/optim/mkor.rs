@@ -49,10 +49,18 @@ impl Spec {
     }
 
     /// The paper's EMA of the factor, L' = γ·L + (1−γ)·v·vᵀ, kept as its exact
-    /// inverse: W' = (γ·W̃⁻¹ + (1−γ)·v·vᵀ)⁻¹ = SM(W̃/γ, √(1−γ)·v).
-    pub fn paper(gamma: f32, zeta: f32, threshold: f32) -> Result<Spec> {
+    /// inverse: W' = (γ·W̃⁻¹ + (1−γ)·v·vᵀ)⁻¹ = SM(W̃/γ, √(1−γ)·v) when
+    /// `damping` δ = 0. δ > 0 first blends the decayed inverse towards I,
+    /// W' = SM((1−δ)·W̃/γ + δ·I, √(1−γ)·v): for δ > 1−γ the factor's
+    /// eigenvalues along directions no vector refreshes settle at
+    /// (δ+γ−1)/(δγ) instead of decaying as γᵗ.
+    pub fn paper(gamma: f32, zeta: f32, threshold: f32, damping: f32) -> Result<Spec> {
         check_constants(gamma, zeta, threshold)?;
-        Ok(Spec { a: 1.0 / gamma, b: 0.0, s: ((1.0 - gamma as f64).sqrt()) as f32, zeta, threshold })
+        if !(0.0..=1.0).contains(&damping) {
+            return Err(Error::Value(format!("damping: expected a value in [0, 1], got {damping}")));
+        }
+        let a = ((1.0 - damping as f64) / gamma as f64) as f32;
+        Ok(Spec { a, b: damping, s: ((1.0 - gamma as f64).sqrt()) as f32, zeta, threshold })
     }
 }
 
@@ -220,7 +228,8 @@ mod tests {
 
     fn run_modes(n: usize, steps: usize, seed: u64) {
         let mut g = XorShift::new(seed);
-        for spec in [Spec::reference(0.9, 0.1, 1e9).unwrap(), Spec::paper(0.9, 0.1, 1e9).unwrap()] {
+        let specs = [Spec::reference(0.9, 0.1, 1e9), Spec::paper(0.9, 0.1, 1e9, 0.0), Spec::paper(0.9, 0.1, 1e9, 0.3)];
+        for spec in specs.map(|s| s.unwrap()) {
             let mut inv: Vec<f32> = (0..n * n).map(|k| if k / n == k % n { 1.0 } else { 0.0 }).collect();
             for _ in 0..steps {
                 let v: Vec<f32> = (0..n).map(|_| 0.3 * g.normal_ish()).collect();
@@ -272,7 +281,7 @@ mod tests {
         assert_eq!(out[0], Outcome { flagged: false, max_abs: 1.0, reset: false });
         assert_eq!(inv.iter().map(|x| x.to_f32()).collect::<Vec<_>>(), vec![1.0, 0.0, 0.0, 1.0]);
         // Overflow of f16 storage: M = 1e5·I is already past 65504.
-        let spec = Spec::paper(1e-5, 0.0, 2.0).unwrap();
+        let spec = Spec::paper(1e-5, 0.0, 2.0, 0.0).unwrap();
         let mut inv: Vec<f16> = [1.0f32, 0.0, 0.0, 1.0].iter().map(|&x| f16::from_f32(x)).collect();
         let out = rank1_update(&mut [Factor { inv: &mut inv, v: &v }], &[false], &spec).unwrap();
         assert!(out[0].reset);
@@ -315,7 +324,10 @@ mod tests {
         let err = rank1_update::<f32>(&mut [], &[false], &spec).unwrap_err().to_string();
         assert!(err.contains("flags"), "{err}");
         assert!(Spec::reference(1.0, 0.1, 2.0).unwrap_err().to_string().contains("stat_decay"));
-        assert!(Spec::paper(0.9, 1.5, 2.0).unwrap_err().to_string().contains("stabilization_factor"));
-        assert!(Spec::paper(0.9, 0.5, 0.0).unwrap_err().to_string().contains("stabilizer_threshold"));
+        assert!(Spec::paper(0.9, 1.5, 2.0, 0.0).unwrap_err().to_string().contains("stabilization_factor"));
+        assert!(Spec::paper(0.9, 0.5, 0.0, 0.0).unwrap_err().to_string().contains("stabilizer_threshold"));
+        for bad in [-0.1, 1.5, f32::NAN] {
+            assert!(Spec::paper(0.9, 0.5, 2.0, bad).unwrap_err().to_string().contains("damping"));
+        }
     }
 }

@@ -12,10 +12,14 @@ use crate::runtime::compute;
 use crate::tensor::{Device, Tensor};
 use crate::with_float;
 
-fn spec(mode: &str, stat_decay: f32, stabilization_factor: f32, threshold: f32) -> Result<Spec> {
+fn spec(mode: &str, stat_decay: f32, stabilization_factor: f32, threshold: f32, damping: f32) -> Result<Spec> {
     match mode {
+        // The reference mode's damping is fixed by the reference code (1−γ).
+        "reference" if damping != 0.0 => {
+            Err(Error::Value(format!("damping: only the 'paper' mode takes it (expected 0 with mode='reference', got {damping})")))
+        }
         "reference" => Spec::reference(stat_decay, stabilization_factor, threshold),
-        "paper" => Spec::paper(stat_decay, stabilization_factor, threshold),
+        "paper" => Spec::paper(stat_decay, stabilization_factor, threshold, damping),
         other => Err(Error::Value(format!("mode: expected 'reference' or 'paper', got {other:?}"))),
     }
 }
@@ -59,16 +63,17 @@ fn check(invs: &[Tensor<'_>], vecs: &Tensor<'_>, flags: &Tensor<'_>, maxabs: &Te
     Ok(ns)
 }
 
-/// One fused update of every factor (see `ferrox_core::optim::mkor`).
+/// One fused update of every factor (see `ferrox_core::optim::mkor`);
+/// `damping` is the paper mode's blend towards I (`Spec::paper`).
 /// CUDA also takes `table` (int64 [k, 3] on the device: data pointer, n and
 /// offset into `vecs` of each factor, built by ferrox.optim.mkor from the
 /// same tensors) and `scratch` (f32, as long as `vecs`).
 #[pyfunction]
-#[pyo3(signature = (factors, vecs, flags, maxabs, *, mode, stat_decay, stabilization_factor, threshold, table=None, scratch=None, stream=0))]
+#[pyo3(signature = (factors, vecs, flags, maxabs, *, mode, stat_decay, stabilization_factor, threshold, damping=0.0, table=None, scratch=None, stream=0))]
 #[allow(clippy::too_many_arguments)]
 pub fn mkor_rank1_update(
     py: Python<'_>, factors: Vec<Bound<'_, PyAny>>, vecs: &Bound<'_, PyAny>, flags: &Bound<'_, PyAny>, maxabs: &Bound<'_, PyAny>,
-    mode: &str, stat_decay: f32, stabilization_factor: f32, threshold: f32, table: Option<Bound<'_, PyAny>>,
+    mode: &str, stat_decay: f32, stabilization_factor: f32, threshold: f32, damping: f32, table: Option<Bound<'_, PyAny>>,
     scratch: Option<Bound<'_, PyAny>>, stream: u64,
 ) -> PyResult<()> {
     let invs: Vec<Tensor<'_>> = factors.iter().map(|t| Tensor::output("factors", t)).collect::<PyResult<_>>()?;
@@ -76,7 +81,7 @@ pub fn mkor_rank1_update(
     let flags = Tensor::output("flags", flags)?;
     let maxabs = Tensor::output("maxabs", maxabs)?;
     let ns = check(&invs, &vecs, &flags, &maxabs).map_err(to_py)?;
-    let spec = spec(mode, stat_decay, stabilization_factor, threshold).map_err(to_py)?;
+    let spec = spec(mode, stat_decay, stabilization_factor, threshold, damping).map_err(to_py)?;
     let dtype = invs.first().map_or(DType::F16, |t| t.dtype);
     match vecs.device {
         Device::Cuda(ordinal) => {
