@@ -116,6 +116,61 @@ def test_adahessian_fused_matches_torch(dtype, power):
     assert int(counts[1]) == sum(int((d.float() > 0).sum()) for d in ds)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_adahessian_probes_path_is_d_formed_in_the_kernel(dtype):
+    """``probes=z`` with ``hessians=Hz`` (the optimizer's path for non-conv
+    tensors): the torch reference with D = z ⊙ Hz, and bit for bit the same
+    state and params as passing the product (z = ±1 makes it exact)."""
+    ps, gs, ms, vs, hzs, _ = _tensors(SIZES, dtype, 5)
+    zs = [_hessian.rademacher(p.shape, seed=3, counter=1, index=i, dtype=dtype) for i, p in enumerate(ps)]
+    hp = dict(step_size=0.15 / (1 - 0.9 ** 2), beta1=0.9, beta2=0.999, bc2=1 - 0.999 ** 2, eps=1e-4, power=1.0,
+              decay=1 - 0.15 * 1e-3)
+    want = [adahessian_reference(p, g, m, v, **hp, d=z.float() * hz.float())
+            for p, g, m, v, z, hz in zip(ps, gs, ms, vs, zs, hzs)]
+    kw = dict(step_size=hp["step_size"], beta1=0.9, beta2=0.999, bias_correction2=hp["bc2"], eps=1e-4, power=1.0,
+              decay=hp["decay"])
+    twin = [[t.clone() for t in ts] for ts in (ps, ms, vs)]
+    counts, counts2 = torch.zeros(2, dtype=torch.int64), torch.zeros(2, dtype=torch.int64)
+    _core.adahessian_update(ps, gs, ms, vs, counts, **kw, hessians=hzs, probes=zs)
+    _core.adahessian_update(*twin[:1], gs, *twin[1:], counts2, **kw, hessians=[z * hz for z, hz in zip(zs, hzs)])
+    for (wp, wm, wv), p, m, v, p2, m2, v2 in zip(want, ps, ms, vs, *twin):
+        assert_rounding_close(m, wm)
+        assert_rounding_close(v, wv)
+        tol = 2 ** -7 if dtype == torch.bfloat16 else 1e-5
+        torch.testing.assert_close(p.float(), wp.float(), rtol=tol, atol=1e-6)
+        assert torch.equal(p, p2) and torch.equal(m, m2) and torch.equal(v, v2)
+    assert torch.equal(counts, counts2)
+    with pytest.raises(ValueError, match="probes"):
+        _core.adahessian_update(ps, gs, ms, vs, counts, **kw, probes=zs)
+
+
+_FLOATS = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@given(st.lists(st.tuples(st.integers(0, 300), st.sampled_from(_FLOATS)), min_size=0, max_size=5),
+       st.sampled_from([None, float("nan"), float("inf"), float("-inf")]), st.integers(0, 2**31), st.booleans())
+def test_all_finite_scan_matches_torch_isfinite(specs, bad, seed, view):
+    """``_core.optim_all_finite`` (the optimizers' skip check) against
+    ``torch.isfinite`` on mixed dtypes, strided views and one bad element
+    placed anywhere, also outside a view (where it must not count)."""
+    gen = torch.Generator().manual_seed(seed)
+    ts = []
+    for n, dtype in specs:
+        t = (torch.randn(n, 2, generator=gen) * 1e3).to(dtype)
+        ts.append(t[:, 0] if view else t)
+    if bad is not None and ts and sum(t.numel() for t in ts):
+        k = int(torch.randint(0, len(ts), (1,), generator=gen))
+        while ts[k].numel() == 0:
+            k = (k + 1) % len(ts)
+        base = ts[k]._base if view else ts[k]
+        flat = base.view(-1)
+        flat[int(torch.randint(0, flat.numel(), (1,), generator=gen))] = bad
+    want = all(bool(torch.isfinite(t).all()) for t in ts)
+    assert _core.optim_all_finite(ts) is want
+    from ferrox.optim._base import all_finite
+    assert all_finite(ts) is want
+
+
 def test_fused_update_checks_its_inputs():
     ps, gs, ms, hs, _, _ = _tensors([6, 6], torch.float32, 3)
     counts = torch.zeros(2, dtype=torch.int64)
