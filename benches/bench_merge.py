@@ -24,10 +24,13 @@ Where the two tools do not do the same work (each is in `CASE_NOTES`, printed
 under the tables):
 - della: mergekit computes MagPrune's ranks and keep probabilities in bf16 on
   bf16 inputs (ranks above 256 round), ferrox in f32, so the random masks
-  differ; ferrox draws them as mergekit does (`rng: mergekit`, the same seed)
-  and is bitwise mergekit in f32 (tests/test_merge_della.py). Here the check
-  is statistical: per tensor, the kept fraction and the L1 norm of the merged
+  differ whatever the generator; ferrox runs its default (`rng: tensor`:
+  Philox draws per tensor in the Rust core; `rng: mergekit` is bitwise
+  mergekit in f32, tests/test_merge_della.py). Here the check is
+  statistical: per tensor, the kept fraction and the L1 norm of the merged
   delta agree;
+- slerp: both compute in f32 and round once, the coefficients from float64
+  (ferrox) or float32 (mergekit) cosines: the parity tests' slerp bound;
 - model_stock: mergekit rounds every step in bf16, ferrox computes in f32 and
   rounds once: the dense rule (4 ulp) holds;
 - passthrough: ferrox copies an unscaled tensor's bytes without decoding
@@ -105,9 +108,12 @@ SLERP_T = [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
 DELLA_SEED = 7
 TORCH_METHODS = {"slerp", "model_stock", "della", "passthrough"}
 CASE_NOTES = {
-    "della": "not the same random masks in bf16: mergekit ranks and draws in bf16 (ranks above 256 round), ferrox "
-             "in f32 with mergekit's generator order (bitwise mergekit in f32, tested); checked statistically "
-             "(kept fraction, L1 norm of the merged delta per tensor)",
+    "della": "not the same random masks: mergekit ranks and draws in bf16 (ranks above 256 round) from torch's "
+             "generator; ferrox ranks in f32 and draws from Philox per tensor (its default `rng: tensor`; "
+             "`rng: mergekit` is bitwise mergekit in f32, tested, and runs the slower torch path); checked "
+             "statistically (kept fraction, L1 norm of the merged delta per tensor)",
+    "slerp": "the same work; not bitwise: ferrox's coefficients come from a float64 cosine, mergekit's from float32 "
+             "norms and dots (held to the parity tests' slerp bound)",
     "model_stock": "mergekit rounds every step in bf16, ferrox computes in f32 and rounds once (agree within 4 ulp)",
     "passthrough": "same output bit for bit; ferrox copies unscaled tensors' bytes, mergekit decodes and re-encodes them",
     "breadcrumbs_row": SCALE_NOTE,
@@ -173,8 +179,9 @@ def setup(case, quick):
     cfg = _config(case, base, fts, _size(quick)[1]["layers"])
     method = cfg["merge_method"]
     if method == "della":
-        # mergekit's draws (one generator seeded once, tensors in name order), as --random-seed
-        fx_cfg = {**cfg, "parameters": {**cfg["parameters"], "seed": DELLA_SEED, "rng": "mergekit"}}
+        # ferrox's default draws (Philox per tensor, in the Rust core): in bf16
+        # mergekit's masks differ from any f32 ranking anyway (CASE_NOTES)
+        fx_cfg = {**cfg, "parameters": {**cfg["parameters"], "seed": DELLA_SEED}}
     elif method in TORCH_METHODS:
         fx_cfg = cfg
     else:
@@ -189,7 +196,7 @@ def setup(case, quick):
         yaml.safe_dump(cfg, f)
     reads, out_bytes = _read_plan(cfg)
     return {"case": case, "method": method, "config": cfg, "fx_config": fx_cfg, "scratch": scratch,
-            "reads": reads, "out_bytes": out_bytes, **paths}
+            "reads": reads, "out_bytes": out_bytes, "layers": _size(quick)[1]["layers"], **paths}
 
 
 def _out(d, side):
@@ -363,16 +370,43 @@ def _della_rule(name, x, y, b):
     assert torch.isfinite(x).all(), f"{name}: non-finite values"
 
 
+def _slerp_t(cfg, n_layers):
+    """The slerp `t` of each tensor under `cfg` (mergekit's filters and
+    gradients, resolved by ferrox's settings module)."""
+    from ferrox.merge.methods import METHODS
+    from ferrox.merge.settings import layer_index, layer_t, parse_setting
+
+    setting = parse_setting("bench", "t", cfg["parameters"]["t"], METHODS["slerp"].param("t"))
+
+    def t_of(name):
+        i = layer_index(name)
+        return setting.evaluate(name, 0.0 if i is None else layer_t(i, n_layers))
+
+    return t_of
+
+
 def _mergekit_rule(side, got, ref, d):
     """The parity tests' rule, tensor by tensor (streamed: one tensor of each
     folder in memory at a time)."""
     cfg, method = d["config"], d["method"]
     fx, mk = _names_by_file(read_files(ref)), _names_by_file(read_files(got))
     assert set(fx) == set(mk), f"{side}: tensors {sorted(set(fx) ^ set(mk))[:5]} differ from ferrox's"
-    if method in ("slerp", "passthrough"):
-        # mergekit computes slerp in f32 and rounds once, and a stacked layer is a copy: bitwise
+    if method == "passthrough":
+        # a stacked layer is a copy: bitwise
         for name in sorted(fx):
             assert _bitwise(_get(mk, name), _get(fx, name)), f"{side}: {name} is not bitwise ferrox's"
+        return
+    if method == "slerp":
+        # both tools compute in f32 and round once; the coefficients come from
+        # float64 (ferrox) vs float32 (mergekit) cosines: the parity tests' bound
+        t_of = _slerp_t(cfg, d["layers"])
+        a_files = _names_by_file(read_files(cfg["models"][0]["model"]))
+        b_files = _names_by_file(read_files(cfg["models"][1]["model"]))
+        for name in sorted(fx):
+            x, y = _get(fx, name), _get(mk, name)
+            if _bitwise(y, x):
+                continue
+            mergekit_parity.check_slerp(f"{side}: {name}", x, y, _get(a_files, name), _get(b_files, name), t_of(name))
         return
     base = _names_by_file(read_files(cfg["base_model"]))
     models = [_names_by_file(read_files(m["model"])) for m in cfg["models"]]
