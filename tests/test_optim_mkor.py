@@ -493,13 +493,14 @@ def test_mkor_beats_tuned_sgd_momentum_on_ill_conditioned_least_squares(record_p
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.bfloat16])
-def test_cuda_fused_update_matches_cpu_bitwise(dtype):
+@pytest.mark.parametrize("mode,damping", [("reference", 0.0), ("paper", 0.3)])
+def test_cuda_fused_update_matches_cpu_bitwise(dtype, mode, damping):
     g = torch.Generator().manual_seed(9)
     sizes = [1, 5, 33, 300, 7]
     invs = [sym_factor(n, g, dtype) for n in sizes]
     vecs = [torch.randn(n, generator=g) for n in sizes]
     flags = torch.tensor([0.0, 1.0, 0.0, 1.0, 0.0])
-    kw = dict(mode="reference", stat_decay=0.95, stabilization_factor=0.1, threshold=1.02)
+    kw = dict(mode=mode, stat_decay=0.95, stabilization_factor=0.1, threshold=1.02, damping=damping)
     cuda_invs = [t.cuda() for t in invs]
     fl, mx = fused(invs, vecs, flags, **kw)
     flat = torch.cat(vecs).cuda()
