@@ -13,8 +13,10 @@ ours θ −= lr·clip(m / max(ρh, ε), 1) ⇔ lr' = lr/ρ, p = ρ, ε' = ε/ρ,
 (its decoupled decay is 1 − lr'·λ'). AdaHessian:
 the same formula on both sides (lr/(1−β1^t), (v/(1−β2^t))^(k/2) + ε).
 
-Optimizer-state memory: ``state_bytes`` (both keep two f32 tensors per
-parameter; pytorch-optimizer also keeps the Hessian estimate between steps).
+Optimizer-state memory (``python benches/bench_optim.py [--quick]``, to
+benches/results/optim_state_memory.md): bytes of the tensors in each
+optimizer's ``state_dict()`` after one step, for ferrox and pytorch-optimizer
+SophiaH/AdaHessian, torch AdamW, ferrox MKOR and MeZO.
 
 ``python benches/bench_optim.py --time-to-target [--quick]``: steps and
 seconds to a target loss on scikit-learn digits (MLP) and on the tiny GPT
@@ -38,7 +40,7 @@ LR_A, BETAS_A, EPS_A = 0.05, (0.9, 0.999), 1e-4
 
 
 def _model(quick):
-    # 12.6M parameters at full size (the issue's measurement), 0.8M quick.
+    # 13.7M parameters at full size (the issue's earlier numbers were on a 12.6M MLP), 1.6M quick.
     width = 1024 if quick else 2048
     depth = 1 if quick else 3
     torch.manual_seed(0)
@@ -92,9 +94,12 @@ def setup(case, quick):
     zs, hzs = _hessian.hutchinson(params, list(range(len(params))), seed=0, counter=0)
     grads = [p.grad.detach().clone() for p in params]
     hess = [z * h for z, h in zip(zs, hzs)]
-    # AdaHessian's D (block-averaged for conv kernels; the MLP has none): both sides get it precomputed.
+    # AdaHessian: pytorch-optimizer gets z ⊙ Hz as its step(hessian=) takes
+    # it; ferrox gets what its step() passes (the MLP has no conv kernel).
+    conv = [h.dim() == 4 for h in hzs]
     return {"kind": kind, "what": what, "x": x, "y": y, "sides": sides, "grads": grads, "zs": zs, "hzs": hzs,
-            "hess": hess, "ds": [_spatial(h) for h in hess]}
+            "hess": hess, "ds_or_hz": [_spatial(h) if c else hz for h, hz, c in zip(hess, hzs, conv)],
+            "probes": [None if c else z for z, c in zip(zs, conv)]}
 
 
 def _update(d, side):
@@ -108,9 +113,12 @@ def _update(d, side):
             # The fused update with the given estimate (the part of step() after the HVP).
             opt._update_group(opt.param_groups[0], params, (d["zs"], d["hzs"], 1.0), 0, len(params))
         else:
-            opt.global_state["stat_hessian_updates"] += 1
+            # As AdaHessian.step passes them: Hz with its probe z (D = z ⊙ Hz
+            # formed in the kernel), block-averaged D for conv kernels.
+            opt.count("hessian_updates")
             t = opt.advance_step()
-            opt._update_group(opt.param_groups[0], params, d["ds"], t, int(opt.global_state["stat_hessian_updates"]))
+            opt._update_group(opt.param_groups[0], params, d["ds_or_hz"], t, int(opt.stats["hessian_updates"]),
+                              probes=d["probes"])
     else:
         opt.step(hessian=d["hess"])
     return [p.detach().clone() for p in params]
@@ -364,21 +372,88 @@ def write_time_to_target(res, quick, out_dir):
     print(f"wrote {stem}.md/.json")
 
 
+def _tensor_bytes(obj) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+def state_dict_bytes(opt) -> int:
+    """Bytes of every tensor in ``opt.state_dict()`` (per-parameter state,
+    and ferrox's global state: MKOR's inverses, counters)."""
+    return _tensor_bytes(opt.state_dict())
+
+
 def _state_memory(quick):
+    """Optimizer-state bytes after one real step on the bench MLP, per
+    optimizer: ferrox and pytorch-optimizer SophiaH/AdaHessian, torch AdamW,
+    ferrox MKOR (fp16 inverses + inner SGD momentum) and MeZO."""
+    from pytorch_optimizer import AdaHessian as PoAda, SophiaH as PoSophia
+
+    from ferrox.optim import MKOR, AdaHessian, MeZO, SophiaH
+    x, y = _data()
+    makers = {
+        "ferrox SophiaH": lambda m: SophiaH(m.parameters(), lr=LR, update_period=1),
+        "pytorch-optimizer SophiaH": lambda m: PoSophia(m.parameters(), lr=LR / RHO, p=RHO, update_period=1),
+        "ferrox AdaHessian": lambda m: AdaHessian(m.parameters(), lr=LR_A, update_period=1),
+        "pytorch-optimizer AdaHessian": lambda m: PoAda(m.parameters(), lr=LR_A, update_period=1),
+        "torch AdamW (foreach)": lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3, foreach=True),
+        "ferrox MKOR (fp16 factors, inner SGD-momentum)": lambda m: MKOR(m.parameters(), model=m, lr=0.01),
+        "ferrox MeZO": lambda m: MeZO(m.parameters(), lr=1e-6),
+    }
     out = {}
-    for kind in ("sophiah", "adahessian"):
-        d = setup(f"{kind}-update", quick)
-        for side in ("ferrox", "pytorch-optimizer"):
-            _update(d, side)
-            out[f"{kind}/{side}"] = state_bytes(d["sides"][side]["opt"])
+    for name, make in makers.items():
+        model = _model(quick)
+        opt = make(model)
+        if "MeZO" in name:
+            with torch.no_grad():
+                opt.step(lambda: torch.nn.functional.cross_entropy(model(x), y))
+        elif "Sophia" in name or "AdaHessian" in name:
+            opt.step(_closure(model, x, y))
+        else:
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        params = sum(p.numel() for p in model.parameters())
+        out[name] = {"params": params, "state_bytes": state_dict_bytes(opt),
+                     "per_param_state_bytes": state_bytes(opt)}
+        del opt, model
     return out
 
 
+def write_state_memory(res, quick, out_dir):
+    """benches/results/optim_state_memory.{md,json}."""
+    import json
+    import os
+    import subprocess
+    stem = os.path.join(out_dir, "optim_state_memory" + ("_quick" if quick else ""))
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    params = next(iter(res.values()))["params"]
+    with open(stem + ".json", "w") as f:
+        json.dump({"meta": {"quick": quick, "commit": commit, "torch": torch.__version__, "params": params}, "rows": res},
+                  f, indent=1)
+    lines = [f"## optim: optimizer-state memory{' (quick)' if quick else ''}", "",
+             f"The bench MLP ({params / 1e6:.1f}M f32 parameters), after one step; bytes of every tensor in "
+             f"`state_dict()` (ferrox's includes its global state: MKOR's fp16 inverses, step and probe counters, "
+             f"stats). Commit {commit}, torch {torch.__version__}.", "",
+             "| optimizer | state MiB | state bytes | bytes per parameter |", "|---|---:|---:|---:|"]
+    for name, r in res.items():
+        lines.append(f"| {name} | {r['state_bytes'] / 2**20:.1f} | {r['state_bytes']} | {r['state_bytes'] / r['params']:.2f} |")
+    with open(stem + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 if __name__ == "__main__":
+    import os
     quick = "--quick" in sys.argv
+    results = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
     if "--time-to-target" in sys.argv:
-        import os
-        write_time_to_target(time_to_target(quick), quick, os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+        write_time_to_target(time_to_target(quick), quick, results)
     else:
-        for k, v in _state_memory(quick).items():
-            print(f"{k}: optimizer state {v / 2**20:.1f} MiB")
+        write_state_memory(_state_memory(quick), quick, results)
