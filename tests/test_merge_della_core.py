@@ -208,6 +208,24 @@ def test_merge_tensors_shapes_rows_along_dim_1(method):
         assert got.shape == b.shape and got.dtype == b.dtype
 
 
+def test_merge_tensors_takes_epsilon_per_model():
+    """merge_tensors passes della's per-model epsilon (a number or a list) to
+    the core: the result equals the naive reference with those epsilons."""
+    b, xs = inputs((12, 50), torch.float32, 2, 4)
+    name, seed = "model.layers.0.mlp.up_proj.weight", 9
+    got = merge_tensors("della", b, xs, weight=[0.7, 0.4], density=[0.5, 0.4], epsilon=[0.3, 0.05], seed=seed,
+                        tensor_name=name).double().numpy().reshape(-1)
+    args = ([0.7, 0.4], [0.5, 0.4], [0.3, 0.05], mask_seed(seed, name), 50, True, True, True, 1.0)
+    want, magnitude = naive_della(b, xs, *args)
+    assert np.all(np.abs(got - want) <= ulp(want, torch.float32) + 2.0 ** -20 * magnitude)
+    one = merge_tensors("della", b, xs, weight=[0.7, 0.4], density=0.5, epsilon=0.2, seed=seed, tensor_name=name)
+    both = merge_tensors("della", b, xs, weight=[0.7, 0.4], density=0.5, epsilon=[0.2, 0.2], seed=seed,
+                         tensor_name=name)
+    assert torch.equal(one, both)
+    with pytest.raises(ValueError, match="epsilon: expected 2 values"):
+        merge_tensors("della", b, xs, weight=[0.7, 0.4], density=0.5, epsilon=[0.2])
+
+
 def test_errors_name_the_input():
     b, xs = inputs((4, 5), torch.float32, 1, 0)
     out = torch.empty_like(b)

@@ -48,8 +48,9 @@ def merge_tensors(
     ``multislerp``, ``karcher``, ``nearswap``, ``model_stock``, ``della``,
     ``della_linear``, ``sce``, ``passthrough``) take their global parameters
     as keywords (``t=0.3``, ``filter_wise=True``; mergekit's defaults
-    otherwise) and ``weight``/``density`` per model where they read one
-    (della's masks are seeded by ``seed`` and ``tensor_name``). Their
+    otherwise) and their per-model parameters (``weight``, ``density``,
+    della's ``epsilon``) as a number or one value per model (della's masks
+    are seeded by ``seed`` and ``tensor_name``). Their
     inputs are ``base`` (when given) then ``models``; they compute in float32
     and return the inputs' dtype (``out``, when given, receives the result).
     """
@@ -98,6 +99,9 @@ def _merge_torch(m, base, models, *, weight, check_finite, out, unused, params, 
     lists = {k: unused.pop(k) for k in ("density", "gamma") if k in m.model_params and unused.get(k) is not None}
     # Shared GTA keywords a torch method declares (della's seed, normalize, rescale, lambda) are its parameters.
     params = dict(params)
+    # Other per-model parameters (della's epsilon) come as keywords: a number or one value per model.
+    for key in [k for k in params if k in m.model_params and k != "weight"]:
+        lists[key] = params.pop(key)
     for key in list(unused):
         name = "lambda" if key == "lam" else key
         declared = m.param(name)
@@ -131,7 +135,7 @@ def _merge_torch(m, base, models, *, weight, check_finite, out, unused, params, 
     else:
         per_model = [{} for _ in range(n_other)]
     for key, value in lists.items():
-        values = [value] * n_other if isinstance(value, (int, float)) else list(value)
+        values = [value] * n_other if isinstance(value, (int, float, bool)) else list(value)
         if len(values) != n_other:
             raise ValueError(f"{key}: expected {n_other} values (one per model), got {len(values)}")
         for pm, v in zip(per_model, values):
