@@ -22,6 +22,15 @@
 //! registers (`vpermps` for 2^bits·d <= 16 codewords, two-table `vpermt2ps`
 //! for <= 32, a gather beyond: 8-bit codes); each decoded word is shared by a
 //! tile of up to 8 batch rows.
+//!
+//! Scalar codes of 1–4 bits (AVX-512BW) take a cheaper decode: a word's 32
+//! codes are 4·bits bytes, four runs of 8 codes of `bits` bytes each; one
+//! 16-byte broadcast, a byte shuffle putting run q into every 32-bit lane
+//! ≡ q (mod 4) and two variable shifts give the 32 codes in the lane order
+//! `GROUPED_LANE` (code 8·(i % 4) + i / 4 in lane i, then 4 more per run).
+//! The sums keep the module's order: x is laid out per word in that same
+//! lane order (once per call) and the 32 lane sums are put back in input
+//! order before `reduce32`.
 
 use rayon::prelude::*;
 
@@ -136,7 +145,32 @@ pub(crate) enum Kernel {
     Avx512,
 }
 
+/// The grouped decode's lane order: lane p of a word holds input
+/// GROUPED_LANE[p] of it (p < 16: the first vector, code 8·(p % 4) + p / 4;
+/// then the second, 4 codes further on in each run).
+const GROUPED_LANE: [usize; WORD] = {
+    let mut t = [0usize; WORD];
+    let mut p = 0;
+    while p < WORD {
+        let i = p % 16;
+        t[p] = 8 * (i % 4) + i / 4 + if p >= 16 { 4 } else { 0 };
+        p += 1;
+    }
+    t
+};
+
 impl Kernel {
+    /// Whether the rows run the grouped decode (scalar 1–4-bit codes on an
+    /// AVX-512BW CPU; see the module doc).
+    pub(crate) fn grouped(self, d: &CodebookDims) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if self == Kernel::Avx512 && d.vector_dim == 1 && d.bits <= 4 {
+            return std::is_x86_feature_detected!("avx512bw");
+        }
+        let _ = d;
+        false
+    }
+
     pub(crate) fn best() -> Kernel {
         #[cfg(target_arch = "x86_64")]
         if std::is_x86_feature_detected!("avx512f") {
@@ -170,12 +204,24 @@ pub(crate) fn linear_with<T: Float>(kernel: Kernel, x: &[T], batch: usize, w: &C
         return Ok(());
     }
     let (out, inf) = (d.out_features, d.in_features);
-    // x widened to f32 and zero-padded to whole words (activation-sized).
+    // x widened to f32 and zero-padded to whole words (activation-sized);
+    // in the grouped decode's lane order where that decode runs.
     let stride = inf.div_ceil(WORD) * WORD;
+    let grouped = kernel.grouped(&d);
     let mut xp = vec![0f32; batch * stride];
     xp.par_chunks_mut(stride).zip(x.par_chunks(inf)).for_each(|(dst, src)| {
-        for (o, v) in dst.iter_mut().zip(src) {
-            *o = v.to_f32();
+        if grouped {
+            for (w, chunk) in dst.chunks_mut(WORD).enumerate() {
+                for (o, &j) in chunk.iter_mut().zip(GROUPED_LANE.iter()) {
+                    if let Some(v) = src.get(w * WORD + j) {
+                        *o = v.to_f32();
+                    }
+                }
+            }
+        } else {
+            for (o, v) in dst.iter_mut().zip(src) {
+                *o = v.to_f32();
+            }
         }
     });
     let rb = d.row_bytes();
@@ -187,7 +233,7 @@ pub(crate) fn linear_with<T: Float>(kernel: Kernel, x: &[T], batch: usize, w: &C
             let r = r0 + k;
             let g = groups[r] as usize;
             let table = &w.codebooks[g * d.table_len()..(g + 1) * d.table_len()];
-            row_sums(kernel, &xp, stride, batch, &w.codes[r * rb..(r + 1) * rb], table, &d, sums);
+            row_sums(kernel, grouped, &xp, stride, batch, &w.codes[r * rb..(r + 1) * rb], table, &d, sums);
             let s = w.row_scale.map(|s| s[r]);
             let b0 = bias.map(|b| b[r]);
             for v in sums.iter_mut() {
@@ -210,7 +256,13 @@ pub(crate) fn linear_with<T: Float>(kernel: Kernel, x: &[T], batch: usize, w: &C
 
 /// sums[b] = Σ_j xp[b, j]·Ŵ[row, j] for every batch row, in the module's order.
 #[allow(clippy::too_many_arguments)]
-fn row_sums(kernel: Kernel, xp: &[f32], stride: usize, batch: usize, row: &[u8], table: &[f32], d: &CodebookDims, sums: &mut [f32]) {
+fn row_sums(kernel: Kernel, grouped: bool, xp: &[f32], stride: usize, batch: usize, row: &[u8], table: &[f32], d: &CodebookDims, sums: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if grouped {
+        // SAFETY: `grouped` is only set where the CPU has AVX-512F and BW.
+        unsafe { x86::grouped_row_sums(xp, stride, batch, row, table, d, sums) };
+        return;
+    }
     #[cfg(target_arch = "x86_64")]
     if kernel == Kernel::Avx512 {
         // SAFETY: this kernel is only chosen where the CPU has AVX-512F.
@@ -218,7 +270,7 @@ fn row_sums(kernel: Kernel, xp: &[f32], stride: usize, batch: usize, row: &[u8],
             return;
         }
     }
-    let _ = kernel;
+    let _ = (kernel, grouped);
     let mut b = 0;
     while b < batch {
         let nb = (batch - b).min(4);
@@ -461,6 +513,146 @@ mod x86 {
             _ => rows::<2>(xp, stride, batch, row, &dc, &t, inf, sums),
         }
         true
+    }
+
+    /// The grouped decode's constants: the byte shuffle (lane i gets the
+    /// `bits` bytes of run i % 4) and the two vectors' shifts.
+    struct Grouped {
+        bits: usize,
+        shuffle: __m512i,
+        shift0: __m512i,
+        shift1: __m512i,
+        mask: __m512i,
+    }
+
+    impl Grouped {
+        #[target_feature(enable = "avx512f")]
+        fn new(bits: usize) -> Grouped {
+            let mut shuffle = [0x80u8; 64];
+            let (mut s0, mut s1) = ([0i32; 16], [0i32; 16]);
+            for i in 0..16 {
+                for k in 0..bits {
+                    // Byte indices are within each 128-bit lane (all four
+                    // hold the same 16 bytes).
+                    shuffle[4 * i + k] = (bits * (i % 4) + k) as u8;
+                }
+                s0[i] = (bits * (i / 4)) as i32;
+                s1[i] = (bits * (i / 4 + 4)) as i32;
+            }
+            // SAFETY: 64-byte local arrays.
+            unsafe {
+                Grouped {
+                    bits,
+                    shuffle: _mm512_loadu_si512(shuffle.as_ptr().cast()),
+                    shift0: _mm512_loadu_si512(s0.as_ptr().cast()),
+                    shift1: _mm512_loadu_si512(s1.as_ptr().cast()),
+                    mask: _mm512_set1_epi32(((1u32 << bits) - 1) as i32),
+                }
+            }
+        }
+    }
+
+    /// The two index vectors of word w (the 4·bits bytes from byte w·4·bits;
+    /// bytes past the row read as 0).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    fn grouped_indices(row: &[u8], w: usize, g: &Grouped) -> (__m512i, __m512i) {
+        let at = w * 4 * g.bits;
+        let mut local = [0u8; 16];
+        let p = if at + 16 <= row.len() {
+            row[at..].as_ptr()
+        } else {
+            let n = row.len().saturating_sub(at).min(16);
+            local[..n].copy_from_slice(&row[at..at + n]);
+            local.as_ptr()
+        };
+        // SAFETY: 16 readable bytes at p (inside the row or the local copy).
+        let v = _mm512_broadcast_i32x4(unsafe { _mm_loadu_si128(p.cast()) });
+        // 4-bit runs are whole 32-bit words: the broadcast already has run
+        // i % 4 in lane i.
+        let v = if g.bits == 4 { v } else { _mm512_shuffle_epi8(v, g.shuffle) };
+        (_mm512_and_si512(_mm512_srlv_epi32(v, g.shift0), g.mask), _mm512_and_si512(_mm512_srlv_epi32(v, g.shift1), g.mask))
+    }
+
+    /// `tile` for the grouped decode: xp in `GROUPED_LANE` order per word.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    fn grouped_tile<const NB: usize>(xp: &[f32], stride: usize, row: &[u8], g: &Grouped, t0: __m512, inf: usize, sums: &mut [f32]) {
+        let words = inf.div_ceil(WORD);
+        assert!(NB >= 1 && xp.len() >= (NB - 1) * stride + words * WORD && sums.len() >= NB);
+        let full = inf / WORD;
+        let xptr = xp.as_ptr();
+        // Lanes past `in` add nothing (masked, as in `tile`); in the last,
+        // partial word lane p holds input GROUPED_LANE[p].
+        let rem = inf - full * WORD;
+        let (mut last0, mut last1) = (0u16, 0u16);
+        for (p, &j) in super::GROUPED_LANE.iter().enumerate() {
+            if j < rem {
+                if p < 16 {
+                    last0 |= 1 << p;
+                } else {
+                    last1 |= 1 << (p - 16);
+                }
+            }
+        }
+        let mut acc = [[_mm512_setzero_ps(); 2]; NB];
+        for w in 0..words {
+            let (i0, i1) = grouped_indices(row, w, g);
+            let (w0, w1) = (_mm512_permutexvar_ps(i0, t0), _mm512_permutexvar_ps(i1, t0));
+            let (m0, m1): (__mmask16, __mmask16) = if w < full { (0xffff, 0xffff) } else { (last0, last1) };
+            for (b, a) in acc.iter_mut().enumerate() {
+                // SAFETY: b < NB and w < words, inside xp (asserted above).
+                let (x0, x1) = unsafe {
+                    let p = xptr.add(b * stride + w * WORD);
+                    (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16)))
+                };
+                a[0] = _mm512_mask_add_ps(a[0], m0, a[0], _mm512_mul_ps(x0, w0));
+                a[1] = _mm512_mask_add_ps(a[1], m1, a[1], _mm512_mul_ps(x1, w1));
+            }
+        }
+        for (s, a) in sums.iter_mut().zip(acc) {
+            let mut grouped = [0f32; WORD];
+            // SAFETY: 32 f32 of local storage.
+            unsafe {
+                _mm512_storeu_ps(grouped.as_mut_ptr(), a[0]);
+                _mm512_storeu_ps(grouped.as_mut_ptr().add(16), a[1]);
+            }
+            let mut lanes = [0f32; WORD];
+            for (p, &j) in super::GROUPED_LANE.iter().enumerate() {
+                lanes[j] = grouped[p];
+            }
+            *s = reduce32(lanes);
+        }
+    }
+
+    /// The row sums of the grouped decode (scalar codes of 1–4 bits: at
+    /// most 16 codewords, one register).
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub(super) fn grouped_row_sums(xp: &[f32], stride: usize, batch: usize, row: &[u8], table: &[f32], dims: &CodebookDims, sums: &mut [f32]) {
+        let g = Grouped::new(dims.bits as usize);
+        let mut padded = [0f32; 16];
+        let n = table.len().min(16);
+        padded[..n].copy_from_slice(&table[..n]);
+        // SAFETY: 16 f32 of local storage.
+        let t0 = unsafe { _mm512_loadu_ps(padded.as_ptr()) };
+        let inf = dims.in_features;
+        let mut b = 0;
+        while b < batch {
+            let xs = &xp[b * stride..];
+            let nb = match batch - b {
+                8.. => 8,
+                4..=7 => 4,
+                2 | 3 => 2,
+                _ => 1,
+            };
+            match nb {
+                8 => grouped_tile::<8>(xs, stride, row, &g, t0, inf, &mut sums[b..]),
+                4 => grouped_tile::<4>(xs, stride, row, &g, t0, inf, &mut sums[b..]),
+                2 => grouped_tile::<2>(xs, stride, row, &g, t0, inf, &mut sums[b..]),
+                _ => grouped_tile::<1>(xs, stride, row, &g, t0, inf, &mut sums[b..]),
+            }
+            b += nb;
+        }
     }
 }
 
