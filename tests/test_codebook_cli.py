@@ -159,8 +159,36 @@ def test_calib_token_ids_weight_every_linear(tmp_path):
     save_file({"input_ids": torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(0))},
               str(tmp_path / "calib.safetensors"))
     out = tmp_path / "d"
+    # Two joint steps are enough for what this checks (the default 30 only cost time).
     assert cli_main(["compress", "codebook", str(tmp_path / "gpt"), "--bits", "3", "--groups", "4", "--calib",
-                     str(tmp_path / "calib.safetensors"), "--out", str(out), "--no-progress", "--quiet"]) == 0
+                     str(tmp_path / "calib.safetensors"), "--calib-steps", "2", "--out", str(out), "--no-progress",
+                     "--quiet"]) == 0
     recs = CodebookFolder.open(out).tensors
     quantized = [n for n, r in recs.items() if r["kind"] == "codebook"]
     assert quantized and all(recs[n]["weighted"] is True for n in quantized)
+
+
+def test_vector_dim_not_dividing_a_selected_matrix(tmp_path, capsys):
+    sd = {"a.weight": torch.randn(8, 30), "b.weight": torch.randn(8, 32), "c.weight": torch.randn(4, 6)}
+    model = tmp_path / "m.safetensors"
+    save_file(sd, str(model))
+    # Named by an include glob: an error naming each tensor, its shape and d; nothing written.
+    out = tmp_path / "x"
+    assert cli_main(["compress", "codebook", str(model), "--bits", "2", "--vector-dim", "4", "--select", "*.weight",
+                     "--out", str(out), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "vector_dim 4" in err and "'a.weight' (F32 [8, 30])" in err and "'c.weight' (F32 [4, 6])" in err
+    assert "b.weight" not in err
+    assert not out.exists()
+    # Default selection: those two verbatim (bit-exact), reported, and recorded with the reason.
+    out = tmp_path / "d"
+    with pytest.warns(UserWarning, match=r"'a.weight' \(F32 \[8, 30\]\).*'c.weight'"):
+        assert cli_main(["compress", "codebook", str(model), "--bits", "2", "--vector-dim", "4", "--out", str(out),
+                         "--no-progress"]) == 0
+    assert "does not divide the columns of 2 selected matrices, stored verbatim: a.weight, c.weight" in \
+        capsys.readouterr().out
+    quantized, passthrough = load(out)
+    assert sorted(quantized) == ["b.weight"] and quantized["b.weight"].vector_dim == 4
+    assert all(torch.equal(passthrough[n], sd[n]) for n in ("a.weight", "c.weight"))
+    recs = CodebookFolder.open(out).tensors
+    assert recs["a.weight"]["reason"] == "vector_dim 4 does not divide 30 columns"

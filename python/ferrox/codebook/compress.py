@@ -26,7 +26,8 @@ other tensor (int64 buffers included) is copied verbatim."""
 import json
 import os
 import time
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from typing import Dict, Mapping, Optional
 
 from .. import checkpoint as ckpt
@@ -53,6 +54,8 @@ class CompressReport:
     bytes_written: int
     seconds: float
     summary: dict
+    #: Selected matrices stored verbatim because vector_dim does not divide their columns.
+    undivided: list = field(default_factory=list)
 
 
 def selection(select) -> Selection:
@@ -77,8 +80,9 @@ def compress(model, bits: int, out, *, groups: int = 1, vector_dim: int = 1, sel
 
     ``groups``: row groups per matrix (one codebook each, rows grouped by
     their statistics); ``vector_dim``: sub-vector length of vector
-    codebooks (a matrix whose column count it does not divide is stored
-    verbatim); ``column_weights``: weight name -> float [in] per-input-column
+    codebooks (a selected matrix whose column count it does not divide is
+    an error where ``select`` has include globs, otherwise it is stored
+    verbatim with a warning and listed in ``compress_report.undivided``); ``column_weights``: weight name -> float [in] per-input-column
     weights of the k-means objective (e.g. from ``column_statistics``; names
     that are not quantized matrices are ignored).
 
@@ -109,9 +113,22 @@ def compress(model, bits: int, out, *, groups: int = 1, vector_dim: int = 1, sel
     info = ckpt.read_checkpoint(path)
     sel = selection(select)
     column_weights = column_weights or {}
+    # Selected matrices whose columns d does not divide: an error where the
+    # user named them (include globs), kept verbatim and reported otherwise.
+    undivided = [t for t in info.tensors if sel(t.name, t.dtype, t.shape) and t.shape[1] % vector_dim]
+    if undivided and sel.include:
+        raise ValueError(f"vector_dim {vector_dim} does not divide the columns of "
+                         + ", ".join(f"tensor {t.name!r} ({t.dtype} {list(t.shape)})" for t in undivided)
+                         + f", selected by {list(sel.include)}: choose a vector_dim that divides every selected "
+                         "matrix's column count or exclude them ('!GLOB')")
+    if undivided:
+        warnings.warn(f"vector_dim {vector_dim} does not divide the columns of {len(undivided)} selected "
+                      "matrices, stored verbatim: "
+                      + ", ".join(f"{t.name!r} ({t.dtype} {list(t.shape)})" for t in undivided), stacklevel=2)
+    skipped = {t.name for t in undivided}
     planned, jobs, records = [], [], {}
     for t in info.tensors:
-        if sel(t.name, t.dtype, t.shape) and t.shape[1] % vector_dim == 0:
+        if sel(t.name, t.dtype, t.shape) and t.name not in skipped:
             rows, cols = t.shape
             g = min(groups, rows)
             learned = joint and t.name in grams
@@ -137,6 +154,8 @@ def compress(model, bits: int, out, *, groups: int = 1, vector_dim: int = 1, sel
             planned.append(PlannedTensor(t.name, t.dtype, tuple(t.shape), t.nbytes))
             jobs.append(("verbatim", t))
             records[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "kind": "verbatim"}
+            if t.name in skipped:
+                records[t.name]["reason"] = f"vector_dim {vector_dim} does not divide {t.shape[1]} columns"
     def meta_json():
         return json.dumps({"select": sel.to_json(), "tensors": records}, separators=(",", ":"))
 
@@ -193,7 +212,7 @@ def compress(model, bits: int, out, *, groups: int = 1, vector_dim: int = 1, sel
         out_abs = dest.out
     folder = fmt.CodebookFolder.open(out_abs)
     folder.compress_report = CompressReport(out_abs, len(qbytes), len(jobs) - len(qbytes), total,
-                                            time.perf_counter() - start, summary)
+                                            time.perf_counter() - start, summary, sorted(skipped))
     return folder
 
 
@@ -276,13 +295,39 @@ def restore(folder, out=None, *, force: bool = False, fsync: bool = True, progre
         return dest.out
 
 
+def _run_hooked(model, batches, names, hook, *, desc=None, progress: Optional[bool] = False):
+    """Runs ``model`` without gradients over ``batches`` (token-id tensors,
+    or mappings passed as ``model(**batch)``) with ``hook(key)``'s forward
+    hook on every ``nn.Linear`` whose weight key (``MODULE.weight``) is in
+    ``names`` (all when None); the hooks are removed whatever happens."""
+    import torch
+    from tqdm import tqdm
+
+    hooks = []
+    for mname, mod in model.named_modules():
+        key = f"{mname}.weight" if mname else "weight"
+        if isinstance(mod, torch.nn.Linear) and (names is None or key in names):
+            hooks.append(mod.register_forward_hook(hook(key)))
+    batches = list(batches)
+    try:
+        model.eval()
+        with torch.no_grad():
+            for b in tqdm(batches, desc=desc, unit="batch", disable=None if progress is None else not progress):
+                if isinstance(b, Mapping):
+                    model(**b)
+                else:
+                    model(b)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 def column_statistics(model, batches, names=None) -> Dict[str, "object"]:
     """Mean x² per input column of every ``nn.Linear`` of ``model`` over the
-    calibration ``batches`` (token-id tensors passed to ``model``), keyed by
-    the weight's state-dict name (``MODULE.weight``); ``names`` limits it."""
-    import torch
-
-    sums, counts, hooks = {}, {}, []
+    calibration ``batches`` (token-id tensors passed to ``model``; a mapping
+    is passed as ``model(**batch)``), keyed by the weight's state-dict name
+    (``MODULE.weight``); ``names`` limits it."""
+    sums, counts = {}, {}
 
     def hook(key):
         def fn(_mod, inputs, _out):
@@ -291,18 +336,7 @@ def column_statistics(model, batches, names=None) -> Dict[str, "object"]:
             counts[key] = counts.get(key, 0) + x.shape[0]
         return fn
 
-    for mname, mod in model.named_modules():
-        key = f"{mname}.weight" if mname else "weight"
-        if isinstance(mod, torch.nn.Linear) and (names is None or key in names):
-            hooks.append(mod.register_forward_hook(hook(key)))
-    try:
-        model.eval()
-        with torch.no_grad():
-            for b in batches:
-                model(b)
-    finally:
-        for h in hooks:
-            h.remove()
+    _run_hooked(model, batches, names, hook)
     return {k: (sums[k] / counts[k]).float() for k in sums}
 
 
@@ -314,9 +348,8 @@ def input_grams(model, batches, names=None, *, progress: Optional[bool] = None) 
     (``MODULE.weight``); ``names`` limits it. Memory: Σ in² × 8 bytes over those Linears (the inputs are not kept).
     Its diagonal is ``column_statistics``."""
     import torch
-    from tqdm import tqdm
 
-    sums, counts, hooks = {}, {}, []
+    sums, counts = {}, {}
 
     def hook(key):
         def fn(_mod, inputs, _out):
@@ -328,21 +361,5 @@ def input_grams(model, batches, names=None, *, progress: Optional[bool] = None) 
             counts[key] = counts.get(key, 0) + x.shape[0]
         return fn
 
-    for mname, mod in model.named_modules():
-        key = f"{mname}.weight" if mname else "weight"
-        if isinstance(mod, torch.nn.Linear) and (names is None or key in names):
-            hooks.append(mod.register_forward_hook(hook(key)))
-    batches = list(batches)
-    try:
-        model.eval()
-        with torch.no_grad():
-            for b in tqdm(batches, desc="ferrox codebook calibration", unit="batch",
-                          disable=None if progress is None else not progress):
-                if isinstance(b, Mapping):
-                    model(**b)
-                else:
-                    model(b)
-    finally:
-        for h in hooks:
-            h.remove()
+    _run_hooked(model, batches, names, hook, desc="ferrox codebook calibration", progress=progress)
     return {k: (sums[k] / counts[k]).float() for k in sums}

@@ -30,7 +30,9 @@ is stored as
 every other tensor under its own name, verbatim. Each file's metadata holds
 ``ferrox_codebook``: JSON ``{"select": ..., "tensors": {NAME: {"dtype",
 "shape", "kind": "codebook" | "verbatim", and for codebook entries "bits",
-"vector_dim", "groups", "error", "grouping"}}}`` in the model's tensor order.
+"vector_dim", "groups", "error", "grouping"; a selected matrix kept verbatim
+because vector_dim does not divide its columns has a "reason"}}}`` in the
+model's tensor order.
 """
 
 import json

@@ -177,4 +177,8 @@ def run(args) -> int:
                       f"({s['bits_per_quantized_weight']} bits/weight with overheads; {s['verbatim_tensors']} tensors "
                       f"verbatim) into {folder.path}: {checkpoint.human_bytes(s['folder_tensor_bytes'])}, "
                       f"{s['ratio_vs_original']}x smaller")
+    undivided = folder.compress_report.undivided
+    if undivided:
+        _common.say(args, f"--vector-dim {args.vector_dim} does not divide the columns of {len(undivided)} selected "
+                          f"matrices, stored verbatim: {', '.join(undivided)}")
     return 0
