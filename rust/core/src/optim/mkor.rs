@@ -20,12 +20,15 @@
 //!
 //! Float order, shared bit for bit with `cuda/mkor.cu`: each `(M w)_i` is a
 //! sequential sum over j; `wᵀ M w` a sequential sum over i; W'_ij =
-//! M_ij − (u_i·u_j)/d. Deterministic for any thread count (rows run in
-//! parallel, each row's arithmetic is fixed).
+//! M_ij − (u_i·u_j)/d. Deterministic for any thread count (column blocks of
+//! the GEMV and rows of the write run in parallel, each element's arithmetic
+//! is fixed). The GEMV reads M down its columns (the CUDA kernel's
+//! coalesced order; M is symmetric), as one vectorised axpy per stored row.
 
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
+use crate::simd::multiversion;
 use crate::Float;
 
 /// The constants of one update: M = a·W̃ + b·I, w = s·v, W̃ blends a flagged
@@ -107,6 +110,102 @@ fn m_elem(spec: &Spec, omz: f32, flagged: bool, diag: bool, w: f32) -> f32 {
     }
 }
 
+/// Off-diagonal M_ij: `m_elem` without the diagonal's terms (the loops
+/// below treat the one diagonal element apart, so they stay branch-free).
+#[inline(always)]
+fn m_off(spec: &Spec, omz: f32, flagged: bool, w: f32) -> f32 {
+    spec.a * if flagged { omz * w } else { w }
+}
+
+/// `src` in f32 (f16 through half's slice conversion, which uses F16C where
+/// the CPU has it; the same rounding-free widening as `to_f32`).
+#[inline(always)]
+fn widen<T: Float>(src: &[T], dst: &mut [f32]) {
+    if T::DTYPE == crate::DType::F16 {
+        use half::slice::HalfFloatSliceExt;
+        // SAFETY: T is half::f16 (same DTYPE), a 2-byte Copy type of the same layout.
+        let h: &[half::f16] = unsafe { std::slice::from_raw_parts(src.as_ptr() as *const half::f16, src.len()) };
+        h.convert_to_f32_slice(dst);
+    } else {
+        for (d, x) in dst.iter_mut().zip(src) {
+            *d = x.to_f32();
+        }
+    }
+}
+
+/// `src` rounded to T (round to nearest even, as `from_f32`).
+#[inline(always)]
+fn narrow<T: Float>(src: &[f32], dst: &mut [T]) {
+    if T::DTYPE == crate::DType::F16 {
+        use half::slice::HalfFloatSliceExt;
+        // SAFETY: as in `widen`.
+        let h: &mut [half::f16] = unsafe { std::slice::from_raw_parts_mut(dst.as_mut_ptr() as *mut half::f16, dst.len()) };
+        h.convert_from_f32_slice(src);
+    } else {
+        for (d, &x) in dst.iter_mut().zip(src) {
+            *d = T::from_f32(x);
+        }
+    }
+}
+
+/// Columns per parallel task of the GEMV (and its row buffer).
+const COLS: usize = 256;
+
+multiversion! {
+    /// u[c] += M_{j, lo+c}·w_j for j = 0..n in order: (M w)_i summed down
+    /// column i, which for the symmetric M is row i's sum in the CUDA
+    /// kernel's order, here as an axpy per stored row (vectorised).
+    fn gemv_cols<T: Float>(inv: &[T], n: usize, lo: usize, u: &mut [f32], w: &[f32], spec: &Spec, omz: f32, flagged: bool, buf: &mut [f32]) -> () {
+        let cols = u.len();
+        let buf = &mut buf[..cols];
+        for (j, &wj) in w.iter().enumerate() {
+            widen(&inv[j * n + lo..j * n + lo + cols], buf);
+            let axpy = |u: &mut [f32], b: &[f32]| {
+                for (uc, &x) in u.iter_mut().zip(b) {
+                    *uc += m_off(spec, omz, flagged, x) * wj;
+                }
+            };
+            if (lo..lo + cols).contains(&j) {
+                let dj = j - lo;
+                let diag = u[dj] + m_elem(spec, omz, flagged, true, buf[dj]) * wj;
+                axpy(u, buf);
+                u[dj] = diag;
+            } else {
+                axpy(u, buf);
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// Row i of W' = M − (u_i·u_j)/d (M where `rank1` is false), stored;
+    /// returns (max|stored|, all stored finite).
+    fn write_row<T: Float>(row: &mut [T], i: usize, u: &[f32], d: f32, rank1: bool, spec: &Spec, omz: f32, flagged: bool, buf: &mut [f32]) -> (f32, bool) {
+        widen(row, buf);
+        let diag = m_elem(spec, omz, flagged, true, buf[i]);
+        if rank1 {
+            let ui = u[i];
+            for (x, &uj) in buf.iter_mut().zip(u) {
+                *x = m_off(spec, omz, flagged, *x) - (ui * uj) / d;
+            }
+            buf[i] = diag - (ui * u[i]) / d;
+        } else {
+            for x in buf.iter_mut() {
+                *x = m_off(spec, omz, flagged, *x);
+            }
+            buf[i] = diag;
+        }
+        narrow(buf, row);
+        widen(row, buf);
+        let (mut max_abs, mut finite) = (0f32, true);
+        for &kept in buf.iter() {
+            finite &= kept.is_finite();
+            max_abs = max_abs.max(kept.abs());
+        }
+        (max_abs, finite)
+    }
+}
+
 /// Rows of at least this many elements run in parallel.
 const PAR_ROWS_FROM: usize = 64;
 
@@ -114,18 +213,19 @@ fn update_one<T: Float>(f: &mut Factor<'_, T>, flagged: bool, spec: &Spec) -> Ou
     let n = f.v.len();
     let omz = 1.0 - spec.zeta;
     let w: Vec<f32> = f.v.iter().map(|&x| spec.s * x).collect();
-    let gemv_row = |i: usize, row: &[T]| -> f32 {
-        let mut acc = 0f32;
-        for (j, (x, wj)) in row.iter().zip(&w).enumerate() {
-            acc += m_elem(spec, omz, flagged, i == j, x.to_f32()) * wj;
+    let mut u = vec![0f32; n];
+    {
+        let inv: &[T] = f.inv;
+        let task = |(k, uc): (usize, &mut [f32])| {
+            let mut buf = vec![0f32; uc.len()];
+            gemv_cols(inv, n, k * COLS, uc, &w, spec, omz, flagged, &mut buf);
+        };
+        if n >= PAR_ROWS_FROM {
+            u.par_chunks_mut(COLS).enumerate().for_each(task);
+        } else {
+            u.chunks_mut(COLS).enumerate().for_each(task);
         }
-        acc
-    };
-    let u: Vec<f32> = if n >= PAR_ROWS_FROM {
-        f.inv.par_chunks(n).enumerate().map(|(i, row)| gemv_row(i, row)).collect()
-    } else {
-        f.inv.chunks(n).enumerate().map(|(i, row)| gemv_row(i, row)).collect()
-    };
+    }
     let mut acc = 0f32;
     for (wi, ui) in w.iter().zip(&u) {
         acc += wi * ui;
@@ -134,23 +234,16 @@ fn update_one<T: Float>(f: &mut Factor<'_, T>, flagged: bool, spec: &Spec) -> Ou
     // M is positive definite in exact arithmetic, so d >= 1; a rounded W
     // that lost definiteness may give d <= 0, where the rank-1 term is dropped.
     let rank1 = d.is_finite() && d > 0.0;
-    let write_row = |i: usize, row: &mut [T]| -> (f32, bool) {
-        let (mut max_abs, mut finite) = (0f32, true);
-        for (j, x) in row.iter_mut().enumerate() {
-            let m = m_elem(spec, omz, flagged, i == j, x.to_f32());
-            let new = if rank1 { m - (u[i] * u[j]) / d } else { m };
-            *x = T::from_f32(new);
-            let kept = x.to_f32();
-            finite &= kept.is_finite();
-            max_abs = max_abs.max(kept.abs());
-        }
-        (max_abs, finite)
-    };
     let fold = |a: (f32, bool), b: (f32, bool)| (a.0.max(b.0), a.1 & b.1);
     let (max_abs, finite) = if n >= PAR_ROWS_FROM {
-        f.inv.par_chunks_mut(n).enumerate().map(|(i, row)| write_row(i, row)).reduce(|| (0.0, true), fold)
+        f.inv
+            .par_chunks_mut(n)
+            .enumerate()
+            .map_init(|| vec![0f32; n], |buf, (i, row)| write_row(row, i, &u, d, rank1, spec, omz, flagged, buf))
+            .reduce(|| (0.0, true), fold)
     } else {
-        f.inv.chunks_mut(n).enumerate().map(|(i, row)| write_row(i, row)).fold((0.0, true), fold)
+        let mut buf = vec![0f32; n];
+        f.inv.chunks_mut(n).enumerate().map(|(i, row)| write_row(row, i, &u, d, rank1, spec, omz, flagged, &mut buf)).fold((0.0, true), fold)
     };
     if !finite {
         for (k, x) in f.inv.iter_mut().enumerate() {
