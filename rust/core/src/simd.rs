@@ -30,6 +30,29 @@ macro_rules! multiversion {
             body($($arg),*)
         }
     };
+    // Two element types (an input's and an output's).
+    ($(#[$meta:meta])* $vis:vis fn $name:ident<$T:ident: Float, $O:ident: Float>($($arg:ident: $ty:ty),* $(,)?) -> $ret:ty $body:block) => {
+        $(#[$meta])*
+        #[allow(clippy::too_many_arguments)]
+        $vis fn $name<$T: Float, $O: Float>($($arg: $ty),*) -> $ret {
+            #[inline(always)]
+            #[allow(clippy::too_many_arguments)]
+            fn body<$T: Float, $O: Float>($($arg: $ty),*) -> $ret $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn avx2<$T: Float, $O: Float>($($arg: $ty),*) -> $ret {
+                    body($($arg),*)
+                }
+                if std::is_x86_feature_detected!("avx2") {
+                    // SAFETY: the CPU supports AVX2, checked just above.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            body($($arg),*)
+        }
+    };
 }
 
 pub(crate) use multiversion;

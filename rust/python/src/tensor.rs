@@ -57,6 +57,11 @@ fn read_device(obj: &Bound<'_, PyAny>) -> PyResult<Device> {
 }
 
 fn is_contiguous(shape: &[usize], strides: &[isize]) -> bool {
+    // An empty tensor has no element to misplace, whatever torch reports as
+    // its strides (torch.empty(3, 0).stride() is (1, 1)).
+    if shape.contains(&0) {
+        return true;
+    }
     let mut expected: isize = 1;
     for (&n, &s) in shape.iter().zip(strides).rev() {
         if n != 1 && s != expected {

@@ -22,7 +22,7 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
-use super::source::{Inputs, Output};
+use super::source::{Chunk, Inputs, Output};
 use crate::error::{Error, Result};
 use crate::simd::multiversion;
 use crate::Float;
@@ -233,31 +233,76 @@ fn blocks(chunk: &Range<usize>, row_len: usize) -> Vec<(usize, Range<usize>)> {
     out
 }
 
-/// Pass 2 over one block: the combination in f32, rounded once to `O`;
-/// returns how many elements differ from the base.
-fn combine_block<T: Float, O: Float>(how: &Interp, c: [f32; 2], base: &[T], models: &[&[T]], out: &mut [O]) -> u64 {
-    let differs = |b: &T, v: f32, o: &mut O| {
-        *o = O::from_f32(v);
-        u64::from(O::round_f32(b.to_f32()) != o.to_f32())
-    };
-    match how {
-        Interp::Slerp { .. } => {
-            let x = models[0];
-            out.iter_mut().zip(base).zip(x).map(|((o, b), x)| differs(b, c[0] * b.to_f32() + c[1] * x.to_f32(), o)).sum()
-        }
-        Interp::ModelStock => {
-            let mut avg = vec![0.0f32; base.len()];
-            for x in models {
-                avg.iter_mut().zip(x.iter()).for_each(|(s, v)| *s += v.to_f32());
+multiversion! {
+    /// Pass 2 over one block: the combination in f32, rounded once to `O`;
+    /// returns how many elements differ from the base.
+    fn combine_block<T: Float, O: Float>(how: &Interp, c: [f32; 2], base: &[T], models: &[&[T]], out: &mut [O]) -> u64 {
+        let differs = |b: &T, v: f32, o: &mut O| {
+            *o = O::from_f32(v);
+            u64::from(O::round_f32(b.to_f32()) != o.to_f32())
+        };
+        match how {
+            Interp::Slerp { .. } => {
+                let x = models[0];
+                out.iter_mut().zip(base).zip(x).map(|((o, b), x)| differs(b, c[0] * b.to_f32() + c[1] * x.to_f32(), o)).sum()
             }
-            let k = models.len() as f32;
-            out.iter_mut()
-                .zip(base)
-                .zip(avg)
-                .map(|((o, b), s)| differs(b, c[0] * (s / k) + c[1] * b.to_f32(), o))
-                .sum()
+            Interp::ModelStock => {
+                let mut avg = vec![0.0f32; base.len()];
+                for x in models {
+                    avg.iter_mut().zip(x.iter()).for_each(|(s, v)| *s += v.to_f32());
+                }
+                let k = models.len() as f32;
+                out.iter_mut()
+                    .zip(base)
+                    .zip(avg)
+                    .map(|((o, b), s)| differs(b, c[0] * (s / k) + c[1] * b.to_f32(), o))
+                    .sum()
+            }
         }
     }
+}
+
+/// Pass 1 over one loaded chunk: adds each block's Gram entries to its row's.
+fn add_gram<T: Float>(c: &Chunk<'_, T>, range: &Range<usize>, row_len: usize, how: &Interp, m: usize, gram: &mut [f64]) {
+    let p = m * (m + 1) / 2;
+    let tasks = blocks(range, row_len);
+    let partials: Vec<Vec<f64>> = tasks
+        .par_iter()
+        .map(|(_, r)| {
+            let local = r.start - range.start..r.end - range.start;
+            let models: Vec<&[T]> = c.models.iter().map(|x| &x[local.clone()]).collect();
+            block_gram(&c.base[local], &models, how.task_vectors(), m)
+        })
+        .collect();
+    for ((row, _), part) in tasks.iter().zip(partials) {
+        gram[row * p..(row + 1) * p].iter_mut().zip(part).for_each(|(s, v)| *s += v);
+    }
+}
+
+/// Pass 2 over one loaded chunk: writes and commits its output; returns how
+/// many elements differ from the base.
+fn combine_chunk<T: Float, O: Float>(
+    c: &Chunk<'_, T>, range: &Range<usize>, row_len: usize, how: &Interp, coefficients: &[[f32; 2]], out: &mut dyn Output<O>,
+) -> Result<u64> {
+    let tasks = blocks(range, row_len);
+    let mut rest = out.buffer(range.clone());
+    let mut pieces = Vec::with_capacity(tasks.len());
+    for (_, r) in &tasks {
+        let (piece, tail) = std::mem::take(&mut rest).split_at_mut(r.len());
+        pieces.push(piece);
+        rest = tail;
+    }
+    let changed = tasks
+        .par_iter()
+        .zip(pieces)
+        .map(|((row, r), o)| {
+            let local = r.start - range.start..r.end - range.start;
+            let models: Vec<&[T]> = c.models.iter().map(|x| &x[local.clone()]).collect();
+            combine_block(how, coefficients[*row], &c.base[local], &models, o)
+        })
+        .sum::<u64>();
+    out.commit(range.clone())?;
+    Ok(changed)
 }
 
 /// Interpolates one tensor from `inputs` (its base and fine-tuned models, in
@@ -285,47 +330,28 @@ pub fn interpolate<T: Float, O: Float>(
     let p = m * (m + 1) / 2;
     let chunks = plan_chunks(n, row_len, chunk_len);
     let mut gram = vec![0f64; rows * p];
+    let coefficients = |gram: &[f64]| -> Option<Vec<[f32; 2]>> {
+        let diagonal_finite = gram.chunks(p.max(1)).all(|g| (0..m).all(|i| g[tri(i, i, m)].is_finite()));
+        diagonal_finite.then(|| gram.chunks(p.max(1)).take(rows).map(|g| how.coefficients(g, m)).collect())
+    };
+    let nonfinite = || InterpStats { changed: 0, nonfinite: true, coefficients: Vec::new() };
+    if let [range] = &chunks[..] {
+        // One chunk (most tensors): both passes over the same loaded inputs.
+        let c = inputs.load(range.clone())?;
+        add_gram(&c, range, row_len, &how, m, &mut gram);
+        let Some(coefficients) = coefficients(&gram) else { return Ok(nonfinite()) };
+        let changed = combine_chunk(&c, range, row_len, &how, &coefficients, out)?;
+        return Ok(InterpStats { changed, nonfinite: false, coefficients });
+    }
     for range in &chunks {
         let c = inputs.load(range.clone())?;
-        let tasks = blocks(range, row_len);
-        let partials: Vec<Vec<f64>> = tasks
-            .par_iter()
-            .map(|(_, r)| {
-                let local = r.start - range.start..r.end - range.start;
-                let models: Vec<&[T]> = c.models.iter().map(|x| &x[local.clone()]).collect();
-                block_gram(&c.base[local], &models, how.task_vectors(), m)
-            })
-            .collect();
-        for ((row, _), part) in tasks.iter().zip(partials) {
-            gram[row * p..(row + 1) * p].iter_mut().zip(part).for_each(|(s, v)| *s += v);
-        }
+        add_gram(&c, range, row_len, &how, m, &mut gram);
     }
-    let diagonal_finite = gram.chunks(p.max(1)).all(|g| (0..m).all(|i| g[tri(i, i, m)].is_finite()));
-    if !diagonal_finite {
-        return Ok(InterpStats { changed: 0, nonfinite: true, coefficients: Vec::new() });
-    }
-    let coefficients: Vec<[f32; 2]> = gram.chunks(p.max(1)).take(rows).map(|g| how.coefficients(g, m)).collect();
+    let Some(coefficients) = coefficients(&gram) else { return Ok(nonfinite()) };
     let mut changed = 0;
     for range in &chunks {
         let c = inputs.load(range.clone())?;
-        let tasks = blocks(range, row_len);
-        let mut rest = out.buffer(range.clone());
-        let mut pieces = Vec::with_capacity(tasks.len());
-        for (_, r) in &tasks {
-            let (piece, tail) = std::mem::take(&mut rest).split_at_mut(r.len());
-            pieces.push(piece);
-            rest = tail;
-        }
-        changed += tasks
-            .par_iter()
-            .zip(pieces)
-            .map(|((row, r), o)| {
-                let local = r.start - range.start..r.end - range.start;
-                let models: Vec<&[T]> = c.models.iter().map(|x| &x[local.clone()]).collect();
-                combine_block(&how, coefficients[*row], &c.base[local], &models, o)
-            })
-            .sum::<u64>();
-        out.commit(range.clone())?;
+        changed += combine_chunk(&c, range, row_len, &how, &coefficients, out)?;
     }
     Ok(InterpStats { changed, nonfinite: false, coefficients })
 }
