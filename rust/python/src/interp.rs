@@ -2,15 +2,13 @@
 //! from tensors in memory or streamed from files, and the finite scan the
 //! merges check their inputs with (`ferrox_core::merge::finite`).
 
-use std::path::PathBuf;
-
 use ferrox_core::merge::interp::{self, Interp, InterpStats};
-use ferrox_core::merge::{finite, FileInputs, FileOutput, FileTensor, SliceInputs, SliceOutput};
+use ferrox_core::merge::{finite, FileInputs, FileOutput, SliceInputs, SliceOutput};
 use ferrox_core::{DType, Error};
 use pyo3::prelude::*;
 
 use crate::error::to_py;
-use crate::merge::check_models_like_base;
+use crate::merge::{check_models_like_base, chunk_or_default, file_tensor, float_dtype, FileSpec};
 use crate::runtime::compute;
 use crate::tensor::Tensor;
 use crate::with_float;
@@ -40,12 +38,6 @@ type Stats = (u64, bool, Vec<(f32, f32)>);
 
 fn stats(s: InterpStats) -> Stats {
     (s.changed, s.nonfinite, s.coefficients.into_iter().map(|[a, b]| (a, b)).collect())
-}
-
-fn float_dtype(what: &str, name: &str) -> Result<DType, Error> {
-    DType::parse(name)
-        .filter(|d| d.is_float())
-        .ok_or_else(|| Error::DType(format!("{what}: expected float32, float16 or bfloat16 (F32, F16, BF16), got {name:?}")))
 }
 
 /// Interpolates CPU tensors of one float dtype into `out` (same shape, any
@@ -96,13 +88,6 @@ pub fn interp_tensor(
     })
 }
 
-/// A tensor inside a file as passed from Python: (path, byte offset, dtype).
-type FileSpec = (PathBuf, u64, String);
-
-fn file_tensor(what: &str, (path, offset, dtype): FileSpec) -> Result<FileTensor, Error> {
-    Ok(FileTensor { path, offset, dtype: float_dtype(what, &dtype)? })
-}
-
 /// `interp_tensor` streamed from files: `numel` elements of each input read
 /// chunk by chunk with positioned reads, converted to `compute_dtype`
 /// (mergekit's cast on load), the result written at `out`'s offset in its
@@ -136,7 +121,7 @@ pub fn interp_tensor_files(
         Ok((out, base, inputs, dtype, parse_interp(method, t, dot_threshold, eps)?))
     })()
     .map_err(to_py)?;
-    let chunk_len = if chunk_len == 0 { ferrox_core::merge::DEFAULT_CHUNK } else { chunk_len };
+    let chunk_len = chunk_or_default(chunk_len);
     let out_dtype = out.dtype;
     with_float!(dtype, "compute_dtype", T => {
         with_float!(out_dtype, "out", O => {

@@ -54,13 +54,13 @@ fn parse_models(weights: &[f32], sparsify: &[SparsifySpec], count: usize) -> Res
     weights.iter().zip(parsed).map(|(&weight, sparsify)| Ok(Model { weight, sparsify: sparsify? })).collect()
 }
 
-fn float_dtype(what: &str, name: &str) -> Result<DType, Error> {
+pub(crate) fn float_dtype(what: &str, name: &str) -> Result<DType, Error> {
     DType::parse(name)
         .filter(|d| d.is_float())
         .ok_or_else(|| Error::DType(format!("{what}: expected float32, float16 or bfloat16 (F32, F16, BF16), got {name:?}")))
 }
 
-fn chunk_or_default(chunk_len: usize) -> usize {
+pub(crate) fn chunk_or_default(chunk_len: usize) -> usize {
     if chunk_len == 0 {
         merge::DEFAULT_CHUNK
     } else {
@@ -152,9 +152,9 @@ pub fn merge_tensor(
 }
 
 /// A tensor inside a file as passed from Python: (path, byte offset, dtype).
-type FileSpec = (PathBuf, u64, String);
+pub(crate) type FileSpec = (PathBuf, u64, String);
 
-fn file_tensor(what: &str, (path, offset, dtype): FileSpec) -> Result<FileTensor, Error> {
+pub(crate) fn file_tensor(what: &str, (path, offset, dtype): FileSpec) -> Result<FileTensor, Error> {
     Ok(FileTensor { path, offset, dtype: float_dtype(what, &dtype)? })
 }
 
