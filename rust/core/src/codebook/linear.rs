@@ -229,13 +229,20 @@ pub(crate) fn linear_with<T: Float>(kernel: Kernel, x: &[T], batch: usize, w: &C
     let mut vals = vec![0f32; out * batch];
     vals.par_chunks_mut(ROWS_PER_TASK * batch).enumerate().for_each(|(task, block)| {
         let r0 = task * ROWS_PER_TASK;
-        for (k, sums) in block.chunks_mut(batch).enumerate() {
-            let r = r0 + k;
+        let n = block.len() / batch;
+        let table_of = |r: usize| {
             let g = groups[r] as usize;
-            let table = &w.codebooks[g * d.table_len()..(g + 1) * d.table_len()];
-            row_sums(kernel, grouped, &xp, stride, batch, &w.codes[r * rb..(r + 1) * rb], table, &d, sums);
-            let s = w.row_scale.map(|s| s[r]);
-            let b0 = bias.map(|b| b[r]);
+            &w.codebooks[g * d.table_len()..(g + 1) * d.table_len()]
+        };
+        let codes = &w.codes[r0 * rb..(r0 + n) * rb];
+        if !grouped_block_sums(grouped, &xp, stride, batch, codes, &|k| table_of(r0 + k), &d, block) {
+            for (k, sums) in block.chunks_mut(batch).enumerate() {
+                row_sums(kernel, &xp, stride, batch, &codes[k * rb..(k + 1) * rb], table_of(r0 + k), &d, sums);
+            }
+        }
+        for (k, sums) in block.chunks_mut(batch).enumerate() {
+            let s = w.row_scale.map(|s| s[r0 + k]);
+            let b0 = bias.map(|b| b[r0 + k]);
             for v in sums.iter_mut() {
                 if let Some(s) = s {
                     *v *= s;
@@ -254,15 +261,24 @@ pub(crate) fn linear_with<T: Float>(kernel: Kernel, x: &[T], batch: usize, w: &C
     Ok(())
 }
 
-/// sums[b] = Σ_j xp[b, j]·Ŵ[row, j] for every batch row, in the module's order.
+/// The grouped decode's sums of a block of rows (codes: the block's packed
+/// rows; table_of(k): row k's codebook), block[k·batch + b] for row k and
+/// batch row b; false (nothing written) where that decode does not run.
 #[allow(clippy::too_many_arguments)]
-fn row_sums(kernel: Kernel, grouped: bool, xp: &[f32], stride: usize, batch: usize, row: &[u8], table: &[f32], d: &CodebookDims, sums: &mut [f32]) {
+fn grouped_block_sums<'t>(grouped: bool, xp: &[f32], stride: usize, batch: usize, codes: &[u8], table_of: &dyn Fn(usize) -> &'t [f32], d: &CodebookDims, block: &mut [f32]) -> bool {
     #[cfg(target_arch = "x86_64")]
     if grouped {
         // SAFETY: `grouped` is only set where the CPU has AVX-512F and BW.
-        unsafe { x86::grouped_row_sums(xp, stride, batch, row, table, d, sums) };
-        return;
+        unsafe { x86::grouped_block_sums(xp, stride, batch, codes, table_of, d, block) };
+        return true;
     }
+    let _ = (grouped, xp, stride, batch, codes, table_of, d, block);
+    false
+}
+
+/// sums[b] = Σ_j xp[b, j]·Ŵ[row, j] for every batch row, in the module's order.
+#[allow(clippy::too_many_arguments)]
+fn row_sums(kernel: Kernel, xp: &[f32], stride: usize, batch: usize, row: &[u8], table: &[f32], d: &CodebookDims, sums: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if kernel == Kernel::Avx512 {
         // SAFETY: this kernel is only chosen where the CPU has AVX-512F.
@@ -270,7 +286,7 @@ fn row_sums(kernel: Kernel, grouped: bool, xp: &[f32], stride: usize, batch: usi
             return;
         }
     }
-    let _ = (kernel, grouped);
+    let _ = kernel;
     let mut b = 0;
     while b < batch {
         let nb = (batch - b).min(4);
@@ -431,6 +447,39 @@ mod x86 {
         }
     }
 
+    /// acc[b] += x[b, word w] · (w0, w1) on the lanes of m0, m1: the step
+    /// every kernel here takes (lanes past `in` add nothing).
+    ///
+    /// # Safety
+    /// xptr + b·stride + w·WORD + 32 floats are readable for every b < NB.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn accumulate<const NB: usize>(acc: &mut [[__m512; 2]; NB], xptr: *const f32, stride: usize, w: usize, w0: __m512, w1: __m512, m0: __mmask16, m1: __mmask16) {
+        for (b, a) in acc.iter_mut().enumerate() {
+            // SAFETY: the caller's contract.
+            let (x0, x1) = unsafe {
+                let p = xptr.add(b * stride + w * WORD);
+                (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16)))
+            };
+            a[0] = _mm512_mask_add_ps(a[0], m0, a[0], _mm512_mul_ps(x0, w0));
+            a[1] = _mm512_mask_add_ps(a[1], m1, a[1], _mm512_mul_ps(x1, w1));
+        }
+    }
+
+    /// The 32 lane sums of an accumulator pair, in register order.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn lanes(a: [__m512; 2]) -> [f32; WORD] {
+        let mut out = [0f32; WORD];
+        // SAFETY: 32 f32 of local storage.
+        unsafe {
+            _mm512_storeu_ps(out.as_mut_ptr(), a[0]);
+            _mm512_storeu_ps(out.as_mut_ptr().add(16), a[1]);
+        }
+        out
+    }
+
     /// The lane sums of NB batch rows against one row, as the module doc says.
     #[inline]
     #[target_feature(enable = "avx512f")]
@@ -439,36 +488,21 @@ mod x86 {
         let words = inf.div_ceil(WORD);
         assert!(NB >= 1 && xp.len() >= (NB - 1) * stride + words * WORD && sums.len() >= NB);
         let full = inf / WORD;
-        let xptr = xp.as_ptr();
         let mut acc = [[_mm512_setzero_ps(); 2]; NB];
         for w in 0..words {
             let w0 = lookup::<KIND>(t, indices(row, w * WORD, dc));
             let w1 = lookup::<KIND>(t, indices(row, w * WORD + 16, dc));
-            // Lanes past `in` add nothing (masked), as in the other kernels.
             let rem = inf - w * WORD;
             let (m0, m1): (__mmask16, __mmask16) = if w < full {
                 (0xffff, 0xffff)
             } else {
                 (((1u32 << rem.min(16)) - 1) as u16, ((1u32 << rem.saturating_sub(16)) - 1) as u16)
             };
-            for (b, a) in acc.iter_mut().enumerate() {
-                // SAFETY: b < NB and w < words, inside xp (asserted above).
-                let (x0, x1) = unsafe {
-                    let p = xptr.add(b * stride + w * WORD);
-                    (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16)))
-                };
-                a[0] = _mm512_mask_add_ps(a[0], m0, a[0], _mm512_mul_ps(x0, w0));
-                a[1] = _mm512_mask_add_ps(a[1], m1, a[1], _mm512_mul_ps(x1, w1));
-            }
+            // SAFETY: b < NB and w < words, inside xp (asserted above).
+            unsafe { accumulate(&mut acc, xp.as_ptr(), stride, w, w0, w1, m0, m1) };
         }
         for (s, a) in sums.iter_mut().zip(acc) {
-            let mut lanes = [0f32; WORD];
-            // SAFETY: 32 f32 of local storage.
-            unsafe {
-                _mm512_storeu_ps(lanes.as_mut_ptr(), a[0]);
-                _mm512_storeu_ps(lanes.as_mut_ptr().add(16), a[1]);
-            }
-            *s = reduce32(lanes);
+            *s = reduce32(lanes(a));
         }
     }
 
@@ -567,6 +601,17 @@ mod x86 {
             local.as_ptr()
         };
         // SAFETY: 16 readable bytes at p (inside the row or the local copy).
+        unsafe { grouped_decode(p, g) }
+    }
+
+    /// The two index vectors of the 4·bits code bytes at p.
+    ///
+    /// # Safety
+    /// 16 bytes are readable at p.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn grouped_decode(p: *const u8, g: &Grouped) -> (__m512i, __m512i) {
+        // SAFETY: the caller's contract.
         let v = _mm512_broadcast_i32x4(unsafe { _mm_loadu_si128(p.cast()) });
         // 4-bit runs are whole 32-bit words: the broadcast already has run
         // i % 4 in lane i.
@@ -574,16 +619,34 @@ mod x86 {
         (_mm512_and_si512(_mm512_srlv_epi32(v, g.shift0), g.mask), _mm512_and_si512(_mm512_srlv_epi32(v, g.shift1), g.mask))
     }
 
-    /// `tile` for the grouped decode: xp in `GROUPED_LANE` order per word.
+    /// A codebook of at most 16 floats in a register (zero-padded).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn table16(table: &[f32]) -> __m512 {
+        let mut padded = [0f32; 16];
+        let n = table.len().min(16);
+        padded[..n].copy_from_slice(&table[..n]);
+        // SAFETY: 16 f32 of local storage.
+        unsafe { _mm512_loadu_ps(padded.as_ptr()) }
+    }
+
+    /// The grouped decode's sums of NB batch rows (xp in `GROUPED_LANE`
+    /// order per word) against R weight rows at once: out[i][b] for row i.
+    /// Each (row, batch row) pair has its own accumulators and sums its
+    /// words in order, so R and NB change nothing but the speed: more
+    /// independent sums hide the add latency that bounds a single GEMV.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw")]
-    fn grouped_tile<const NB: usize>(xp: &[f32], stride: usize, row: &[u8], g: &Grouped, t0: __m512, inf: usize, sums: &mut [f32]) {
+    fn grouped_tile<const NB: usize, const R: usize>(xp: &[f32], stride: usize, rows: [&[u8]; R], tables: [__m512; R], g: &Grouped, inf: usize) -> [[f32; NB]; R] {
         let words = inf.div_ceil(WORD);
-        assert!(NB >= 1 && xp.len() >= (NB - 1) * stride + words * WORD && sums.len() >= NB);
+        assert!(NB >= 1 && xp.len() >= (NB - 1) * stride + words * WORD);
         let full = inf / WORD;
-        let xptr = xp.as_ptr();
-        // Lanes past `in` add nothing (masked, as in `tile`); in the last,
-        // partial word lane p holds input GROUPED_LANE[p].
+        let rb = rows.first().map_or(0, |r| r.len());
+        assert!(rows.iter().all(|r| r.len() == rb));
+        // Words whose 16-byte load stays inside the row and which need no
+        // mask: the unchecked loop.
+        let fast = if rb >= 16 { full.min((rb - 16) / (4 * g.bits) + 1) } else { 0 };
+        // In the last, partial word lane p holds input GROUPED_LANE[p].
         let rem = inf - full * WORD;
         let (mut last0, mut last1) = (0u16, 0u16);
         for (p, &j) in super::GROUPED_LANE.iter().enumerate() {
@@ -595,63 +658,111 @@ mod x86 {
                 }
             }
         }
-        let mut acc = [[_mm512_setzero_ps(); 2]; NB];
-        for w in 0..words {
-            let (i0, i1) = grouped_indices(row, w, g);
-            let (w0, w1) = (_mm512_permutexvar_ps(i0, t0), _mm512_permutexvar_ps(i1, t0));
-            let (m0, m1): (__mmask16, __mmask16) = if w < full { (0xffff, 0xffff) } else { (last0, last1) };
-            for (b, a) in acc.iter_mut().enumerate() {
+        let mut acc = [[[_mm512_setzero_ps(); 2]; NB]; R];
+        for w in 0..fast {
+            for i in 0..R {
+                // SAFETY: w < fast: bytes w·4·bits .. + 16 are inside the row.
+                let (i0, i1) = unsafe { grouped_decode(rows[i].as_ptr().add(w * 4 * g.bits), g) };
+                let (w0, w1) = (_mm512_permutexvar_ps(i0, tables[i]), _mm512_permutexvar_ps(i1, tables[i]));
                 // SAFETY: b < NB and w < words, inside xp (asserted above).
-                let (x0, x1) = unsafe {
-                    let p = xptr.add(b * stride + w * WORD);
-                    (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16)))
-                };
-                a[0] = _mm512_mask_add_ps(a[0], m0, a[0], _mm512_mul_ps(x0, w0));
-                a[1] = _mm512_mask_add_ps(a[1], m1, a[1], _mm512_mul_ps(x1, w1));
+                unsafe { accumulate(&mut acc[i], xp.as_ptr(), stride, w, w0, w1, 0xffff, 0xffff) };
             }
         }
-        for (s, a) in sums.iter_mut().zip(acc) {
-            let mut grouped = [0f32; WORD];
-            // SAFETY: 32 f32 of local storage.
-            unsafe {
-                _mm512_storeu_ps(grouped.as_mut_ptr(), a[0]);
-                _mm512_storeu_ps(grouped.as_mut_ptr().add(16), a[1]);
+        for w in fast..words {
+            let (m0, m1) = if w < full { (0xffff, 0xffff) } else { (last0, last1) };
+            for i in 0..R {
+                let (i0, i1) = grouped_indices(rows[i], w, g);
+                let (w0, w1) = (_mm512_permutexvar_ps(i0, tables[i]), _mm512_permutexvar_ps(i1, tables[i]));
+                // SAFETY: as above.
+                unsafe { accumulate(&mut acc[i], xp.as_ptr(), stride, w, w0, w1, m0, m1) };
             }
-            let mut lanes = [0f32; WORD];
-            for (p, &j) in super::GROUPED_LANE.iter().enumerate() {
-                lanes[j] = grouped[p];
+        }
+        let mut out = [[0f32; NB]; R];
+        for (o, a) in out.iter_mut().zip(acc) {
+            for (s, a) in o.iter_mut().zip(a) {
+                let grouped = lanes(a);
+                let mut ordered = [0f32; WORD];
+                for (p, &j) in super::GROUPED_LANE.iter().enumerate() {
+                    ordered[j] = grouped[p];
+                }
+                *s = reduce32(ordered);
             }
-            *s = reduce32(lanes);
+        }
+        out
+    }
+
+    /// What every tile of a block reads: the activations, the block's
+    /// packed rows and their codebooks in registers.
+    struct Block<'a> {
+        xp: &'a [f32],
+        stride: usize,
+        batch: usize,
+        codes: &'a [u8],
+        rb: usize,
+        tables: Vec<__m512>,
+        g: Grouped,
+        inf: usize,
+    }
+
+    /// Rows k0 .. k0 + R of a block against batch rows b .. b + NB.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    fn grouped_rows<const NB: usize, const R: usize>(c: &Block<'_>, b: usize, k0: usize, block: &mut [f32]) {
+        let rows: [&[u8]; R] = std::array::from_fn(|i| &c.codes[(k0 + i) * c.rb..(k0 + i + 1) * c.rb]);
+        let t: [__m512; R] = std::array::from_fn(|i| c.tables[k0 + i]);
+        let out = grouped_tile::<NB, R>(&c.xp[b * c.stride..], c.stride, rows, t, &c.g, c.inf);
+        for (i, o) in out.iter().enumerate() {
+            block[(k0 + i) * c.batch + b..][..NB].copy_from_slice(o);
         }
     }
 
-    /// The row sums of the grouped decode (scalar codes of 1–4 bits: at
-    /// most 16 codewords, one register).
+    /// The grouped decode's sums of a block of rows (scalar codes of 1–4
+    /// bits: at most 16 codewords, one register): block[k·batch + b].
+    /// Batch 1 takes 4 rows a tile, batch 2–3 two, so that a tile always
+    /// holds at least 4 independent sums.
     #[target_feature(enable = "avx512f,avx512bw")]
-    pub(super) fn grouped_row_sums(xp: &[f32], stride: usize, batch: usize, row: &[u8], table: &[f32], dims: &CodebookDims, sums: &mut [f32]) {
-        let g = Grouped::new(dims.bits as usize);
-        let mut padded = [0f32; 16];
-        let n = table.len().min(16);
-        padded[..n].copy_from_slice(&table[..n]);
-        // SAFETY: 16 f32 of local storage.
-        let t0 = unsafe { _mm512_loadu_ps(padded.as_ptr()) };
-        let inf = dims.in_features;
-        let mut b = 0;
-        while b < batch {
-            let xs = &xp[b * stride..];
-            let nb = match batch - b {
-                8.. => 8,
-                4..=7 => 4,
-                2 | 3 => 2,
-                _ => 1,
-            };
-            match nb {
-                8 => grouped_tile::<8>(xs, stride, row, &g, t0, inf, &mut sums[b..]),
-                4 => grouped_tile::<4>(xs, stride, row, &g, t0, inf, &mut sums[b..]),
-                2 => grouped_tile::<2>(xs, stride, row, &g, t0, inf, &mut sums[b..]),
-                _ => grouped_tile::<1>(xs, stride, row, &g, t0, inf, &mut sums[b..]),
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn grouped_block_sums<'t>(xp: &[f32], stride: usize, batch: usize, codes: &[u8], table_of: &dyn Fn(usize) -> &'t [f32], dims: &CodebookDims, block: &mut [f32]) {
+        let n = block.len() / batch;
+        let c = Block {
+            xp,
+            stride,
+            batch,
+            codes,
+            rb: dims.row_bytes(),
+            tables: (0..n).map(|k| table16(table_of(k))).collect(),
+            g: Grouped::new(dims.bits as usize),
+            inf: dims.in_features,
+        };
+        let r = match batch {
+            1 => 4,
+            2 | 3 => 2,
+            _ => 1,
+        };
+        let mut k = 0;
+        while k < n {
+            let rr = if n - k >= r { r } else { 1 };
+            let mut b = 0;
+            while b < batch {
+                let nb = match batch - b {
+                    8.. => 8,
+                    4..=7 => 4,
+                    2 | 3 => 2,
+                    _ => 1,
+                };
+                match (nb, rr) {
+                    (1, 4) => grouped_rows::<1, 4>(&c, b, k, block),
+                    (2, 2) => grouped_rows::<2, 2>(&c, b, k, block),
+                    (1, 2) => grouped_rows::<1, 2>(&c, b, k, block),
+                    (8, 1) => grouped_rows::<8, 1>(&c, b, k, block),
+                    (4, 1) => grouped_rows::<4, 1>(&c, b, k, block),
+                    (2, 1) => grouped_rows::<2, 1>(&c, b, k, block),
+                    (1, 1) => grouped_rows::<1, 1>(&c, b, k, block),
+                    _ => unreachable!("tile {nb}x{rr}: batch {batch} takes no such tile"),
+                }
+                b += nb;
             }
-            b += nb;
+            k += rr;
         }
     }
 }
