@@ -30,7 +30,9 @@
 //! `GROUPED_LANE` (code 8·(i % 4) + i / 4 in lane i, then 4 more per run).
 //! The sums keep the module's order: x is laid out per word in that same
 //! lane order (once per call) and the 32 lane sums are put back in input
-//! order before `reduce32`.
+//! order before `reduce32`. At batch 1–3 a tile spans 4 or 2 weight rows as
+//! well, so that it always has at least 4 independent sums: one row's sum
+//! is a chain of dependent adds, which alone would bound a GEMV.
 
 use rayon::prelude::*;
 
