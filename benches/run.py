@@ -271,23 +271,72 @@ def run_bench(name, args):
                 continue
             proc_rows.append({"case": case, "side": side, **_stats([w for w, _ in proc[side]]),
                               "peak_mb": max(m for _, m in proc[side])})
-        for table, names in ((rows, sides), (proc_rows, commands)):
-            for side, other in skip.items():
-                if side not in names:
-                    continue
-                src = next((r for r in table if r["case"] == other and r["side"] == side), None)
-                if src is not None:  # the other case was run (not filtered out)
-                    table.append({**src, "case": case, "for_scale_from": other, "note": getattr(mod, "SCALE_NOTE", "for scale")})
-            # The reference is the table's first side (ferrox), run or not.
-            first_of = next(iter(mod.SIDES if table is rows else getattr(mod, "COMMANDS", {})), None)
-            ref = next((r for r in table if r["case"] == case and r["side"] == first_of), None)
-            for r in table:
-                if r["case"] == case:
-                    r["ferrox_speedup"] = (None if ref is None or "for_scale_from" in r
-                                           else r["median_s"] / ref["median_s"])
+        _derive(mod, rows, proc_rows, case, sides, commands)
     startup = time_startup(mod, repeats, args.quick) if hasattr(mod, "STARTUP") else []
     report(name, mod, rows, proc_rows, startup, args)
     return rows
+
+
+def _derive(mod, rows, proc_rows, case, sides, commands):
+    """A case's for-scale rows (a side not run on it shows another case's
+    row, where that case was run) and every row's speed-up."""
+    for table, names in ((rows, sides), (proc_rows, commands)):
+        for side, other in getattr(mod, "FOR_SCALE", {}).get(case, {}).items():
+            if side not in names:
+                continue
+            src = next((r for r in table if r["case"] == other and r["side"] == side), None)
+            if src is not None:  # the other case was run (not filtered out)
+                table.append({**src, "case": case, "for_scale_from": other, "note": getattr(mod, "SCALE_NOTE", "for scale")})
+        # The reference is the table's first side (ferrox), run or not.
+        first_of = next(iter(mod.SIDES if table is rows else getattr(mod, "COMMANDS", {})), None)
+        ref = next((r for r in table if r["case"] == case and r["side"] == first_of), None)
+        for r in table:
+            if r["case"] == case:
+                r["ferrox_speedup"] = (None if ref is None or "for_scale_from" in r
+                                       else r["median_s"] / ref["median_s"])
+
+
+def merge(name, dirs, args):
+    """One report from partial runs of a bench in `dirs` (each a --results
+    folder; a run writes only when it ends, so long benches run case by
+    case). A case and side measured twice keeps the later folder's row."""
+    mod = load(name)
+    found, proc, notes, machines = {}, {}, {}, []
+    for d in dirs:
+        with open(os.path.join(d, f"{name}.json")) as f:
+            data = json.load(f)
+        if data["quick"] != args.quick:
+            raise SystemExit(f"{d}: a {'--quick' if data['quick'] else 'full'} run; merge runs of one kind")
+        for table, rows in ((found, data["rows"]), (proc, data["process_rows"])):
+            for r in rows:
+                if "for_scale_from" not in r:
+                    table[(r["case"], r["side"])] = r
+        notes.update(data.get("case_notes") or _md_notes(os.path.join(d, f"{name}.md")))
+        machines.append(data["machine"])
+    order = {c: i for i, c in enumerate(mod.CASES)}
+    unknown = sorted({c for c, _ in [*found, *proc]} - set(order))
+    if unknown:
+        raise SystemExit(f"{name}: no such case(s) {unknown} (renamed since those runs?)")
+    side_order = {s: i for i, s in enumerate([*mod.SIDES, *getattr(mod, "COMMANDS", {})])}
+    key = lambda r: (order[r["case"]], side_order.get(r["side"], len(side_order)))
+    rows, proc_rows = sorted(found.values(), key=key), sorted(proc.values(), key=key)
+    for case in sorted({r["case"] for r in rows + proc_rows}, key=order.get):
+        _derive(mod, rows, proc_rows, case, list(mod.SIDES), list(getattr(mod, "COMMANDS", {})))
+    rows.sort(key=key)
+    proc_rows.sort(key=key)
+    mod.CASE_NOTES = notes
+    report(name, mod, rows, proc_rows, [], args, machines)
+
+
+def _md_notes(path):
+    """The case notes of a report written before the JSON kept them."""
+    notes = {}
+    with open(path) as f:
+        for line in f:
+            if line.startswith("- **") and "**: " in line:
+                case, note = line[4:].split("**: ", 1)
+                notes[case] = note.rstrip("\n")
+    return notes
 
 
 def time_startup(mod, repeats, quick):
@@ -310,7 +359,7 @@ def _speedup(r):
     return f"{r['ferrox_speedup']:.2f}x"
 
 
-def report(name, mod, rows, proc_rows, startup, args):
+def report(name, mod, rows, proc_rows, startup, args, machines=None):
     reps = f"median of >= {MIN_REPEATS} timed runs after one untimed run (warm-up and agreement check)"
     lines = [f"## {name}" + (" (quick)" if args.quick else ""), "",
              f"main comparator: `{mod.MAIN_COMPARATOR}`; {reps}; speed-up = side time / ferrox time; "
@@ -347,8 +396,9 @@ def report(name, mod, rows, proc_rows, startup, args):
     with open(os.path.join(args.results, f"{name}.md"), "w") as f:
         f.write(text)
     with open(os.path.join(args.results, f"{name}.json"), "w") as f:
-        json.dump({"bench": name, "quick": args.quick, "machine": machine(), "rows": rows,
-                   "process_rows": proc_rows, "startup": startup}, f, indent=1)
+        json.dump({"bench": name, "quick": args.quick, "machine": machines[0] if machines else machine(),
+                   **({"merged_from": machines} if machines else {}), "rows": rows,
+                   "process_rows": proc_rows, "startup": startup, "case_notes": notes}, f, indent=1)
 
 
 def main():
@@ -362,6 +412,7 @@ def main():
     p.add_argument("--cases", type=lambda v: v.split(","), default=None, help="comma-separated subset of cases to run")
     # A trial run elsewhere keeps the committed results intact.
     p.add_argument("--results", default=RESULTS, help="folder for NAME.md and NAME.json (default: benches/results)")
+    p.add_argument("--merge", nargs="+", metavar="DIR", help="write one report of NAME from the --results folders of partial runs")
     p.add_argument("--child", nargs=3, metavar=("NAME", "CASE", "SIDE"), help=argparse.SUPPRESS)
     p.add_argument("--spawn", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -373,6 +424,10 @@ def main():
         p.error(f"--repeats must be at least {MIN_REPEATS}, got {args.repeats}")
     args.repeats_default = args.repeats is None
     args.repeats = args.repeats or (MIN_REPEATS if args.quick else 5)
+    if args.merge:
+        if len(args.names) != 1:
+            p.error("--merge takes exactly one benchmark name")
+        return merge(args.names[0], args.merge, args)
     for name in args.names:
         if name not in available():
             p.error(f"no benchmark {name!r}; available: {available()}")
