@@ -7,7 +7,12 @@ embeddings, norms and biases stay dense) is replaced by its decoded
 quantization under four schemes:
 
 - ``rtn``: per-row uniform round-to-nearest, 2^b levels from the row's min to
-  its max (the baseline);
+  its max (the baseline with the lowest weight MSE; 0 is not a level, so the
+  many near-zero weights of a row all move by about the same offset);
+- ``rtn_zp``: the same grid shifted so that 0 is a level (an integer zero
+  point, as GPTQ/AWQ-style asymmetric RTN stores it): a little more weight
+  error, but no per-row offset, which matters where a layer's inputs have a
+  large mean (MiniLM's FFN output matrices read GELU activations);
 - ``kmeans``: ``ferrox.codebook.quantize(w, b)``, one k-means codebook per tensor;
 - ``jlcm_nocalib``: ``quantize(w, b, groups=G)``, rows grouped by their
   statistics, one codebook per group (JLCM-style grouping, no data);
@@ -34,7 +39,7 @@ import time
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SCHEMES = ("rtn", "kmeans", "jlcm_nocalib", "jlcm_calib")
+SCHEMES = ("rtn", "rtn_zp", "kmeans", "jlcm_nocalib", "jlcm_calib")
 
 
 def rtn(w, bits):
@@ -43,6 +48,16 @@ def rtn(w, bits):
     lo, hi = w.min(dim=1, keepdim=True).values, w.max(dim=1, keepdim=True).values
     step = ((hi - lo) / (2 ** bits - 1)).clamp(min=1e-12)
     return lo + torch.round((w - lo) / step).clamp(0, 2 ** bits - 1) * step
+
+
+def rtn_zp(w, bits):
+    """Per-row asymmetric uniform quantization with an integer zero point."""
+    w = w.float()
+    top = 2 ** bits - 1
+    lo, hi = w.min(dim=1, keepdim=True).values, w.max(dim=1, keepdim=True).values
+    step = ((hi - lo) / top).clamp(min=1e-12)
+    zero = torch.round(-lo / step)
+    return ((torch.round(w / step) + zero).clamp(0, top) - zero) * step
 
 
 def jlcm(w, bits, groups, x, args, learn):
@@ -73,6 +88,8 @@ def quantized_state(model, names, scheme, bits, args, calib):
         w = mods[name].weight.detach()
         if scheme == "rtn":
             w_hat = rtn(w, bits)
+        elif scheme == "rtn_zp":
+            w_hat = rtn_zp(w, bits)
         elif scheme == "kmeans":
             w_hat = dequantize(quantize(w, bits), torch.float32)
         else:
