@@ -5,20 +5,12 @@
 
 
 use super::linear::CodebookDims;
-use crate::cuda::{arg, check_ptr};
-use crate::delta::cuda::{Cuda, Launch};
-use crate::error::{Error, Result};
+use crate::cuda::{arg, check_ptr, float_kernel, launch_row_tiles, Cuda, Launch};
+use crate::error::Result;
 use crate::DType;
 
-/// The kernels `cuda/codebook.cu` defines.
-pub const KERNELS: &[&str] = &["codebook_linear_f32", "codebook_linear_f16", "codebook_linear_bf16"];
-/// Threads per block (8 warps; the kernel's shared tile assumes it).
-const THREADS: u32 = 256;
-/// Output rows and batch rows per block (CB_WARPS, CB_TB in codebook.cu).
-const ROWS_PER_BLOCK: usize = 8;
-const BATCH_PER_BLOCK: usize = 8;
-/// Grid cap in blocks per multiprocessor; the kernel loops over the rest.
-const BLOCKS_PER_SM: u32 = 16;
+/// The kernels `cuda/codebook.cu` defines (f32, f16, bf16).
+pub const KERNELS: &[&str; 3] = &["codebook_linear_f32", "codebook_linear_f16", "codebook_linear_bf16"];
 
 /// One codebook linear on device pointers (0 for an absent optional one).
 #[derive(Clone, Copy, Debug)]
@@ -47,15 +39,6 @@ pub struct DeviceLinear {
     pub y: u64,
 }
 
-fn kernel(dtype: DType) -> Result<&'static str> {
-    Ok(match dtype {
-        DType::F32 => KERNELS[0],
-        DType::F16 => KERNELS[1],
-        DType::BF16 => KERNELS[2],
-        other => return Err(Error::DType(format!("x: expected float32, float16 or bfloat16, got {other}"))),
-    })
-}
-
 /// The codebook linear on the device, queued on `m.stream` (asynchronous,
 /// like a torch op); bit for bit [`super::linear::linear`].
 ///
@@ -69,7 +52,7 @@ pub unsafe fn linear(m: &DeviceLinear) -> Result<()> {
 
 pub(crate) unsafe fn linear_on<L: Launch>(dev: &L, m: &DeviceLinear) -> Result<()> {
     let d = m.dims;
-    let name = kernel(m.dtype)?;
+    let name = float_kernel(KERNELS, "x", m.dtype)?;
     let (out, inf) = (d.out_features, d.in_features);
     let opt = |p: u64| (p != 0).then_some(out);
     d.check(m.batch, m.batch * inf, out * d.row_bytes(), d.groups * d.table_len(), d.groups + 1, opt(m.row_scale), opt(m.bias), m.batch * out)?;
@@ -79,8 +62,6 @@ pub(crate) unsafe fn linear_on<L: Launch>(dev: &L, m: &DeviceLinear) -> Result<(
     for (what, p) in [("x", m.x), ("codes", m.codes), ("codebooks", m.codebooks), ("group_offsets", m.group_offsets), ("out", m.y)] {
         check_ptr(what, p)?;
     }
-    let blocks = (out.div_ceil(ROWS_PER_BLOCK) as u64) * (m.batch.div_ceil(BATCH_PER_BLOCK) as u64);
-    let grid = blocks.clamp(1, (dev.multiprocessors()? * BLOCKS_PER_SM) as u64) as u32;
     let (mut x, mut batch, mut inf, mut codes, mut rb, mut out) = (m.x, m.batch as u64, inf as u64, m.codes, d.row_bytes() as u64, out as u64);
     let (mut cb, mut tl, mut bits, mut vd) = (m.codebooks, d.table_len() as u64, d.bits, d.vector_dim as u32);
     let (mut offs, mut groups, mut scale, mut bias, mut y) = (m.group_offsets, d.groups as u64, m.row_scale, m.bias, m.y);
@@ -88,7 +69,7 @@ pub(crate) unsafe fn linear_on<L: Launch>(dev: &L, m: &DeviceLinear) -> Result<(
         arg(&mut x), arg(&mut batch), arg(&mut inf), arg(&mut codes), arg(&mut rb), arg(&mut out), arg(&mut cb), arg(&mut tl),
         arg(&mut bits), arg(&mut vd), arg(&mut offs), arg(&mut groups), arg(&mut scale), arg(&mut bias), arg(&mut y),
     ];
-    dev.launch(name, grid, THREADS, &mut params)
+    launch_row_tiles(dev, name, d.out_features, m.batch, &mut params)
 }
 
 #[cfg(test)]
@@ -101,7 +82,7 @@ mod sim {
     use super::*;
     use crate::codebook::linear::tests::Case;
     use crate::codebook::linear::{linear_with, Kernel};
-    use crate::cuda::sim_lib::Sim;
+    use crate::cuda::sim_lib::{bits_of, Sim};
     use crate::test_rng::XorShift;
     use crate::Float;
 
@@ -129,10 +110,6 @@ extern "C" int codebook_sim_launch(const char* name, unsigned grid, unsigned blo
     fn sim(multiprocessors: u32) -> Option<Sim> {
         let launch = crate::cuda::sim_lib::library("codebook", &[SOURCE], DISPATCH, "codebook_sim_launch")?;
         Some(Sim { launch, multiprocessors })
-    }
-
-    fn bits_of<T: Float>(v: &[T]) -> Vec<u32> {
-        v.iter().map(|x| x.to_f32().to_bits()).collect()
     }
 
     fn case<T: Float>(sim: &Sim, c: &Case, batch: usize, bias: Option<&[f32]>, g: &mut XorShift) {

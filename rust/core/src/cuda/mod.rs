@@ -758,6 +758,63 @@ pub(crate) unsafe fn read_after(ordinal: i32, stream: u64, ptr: u64, out: &mut [
     })
 }
 
+/// Where kernels run: the device, or the host simulation in tests.
+pub(crate) trait Launch {
+    fn multiprocessors(&self) -> Result<u32>;
+    /// # Safety
+    /// `params` point at the kernel's arguments, with its types.
+    unsafe fn launch(&self, kernel: &'static str, grid: u32, block: u32, params: &mut [*mut c_void]) -> Result<()>;
+}
+
+/// A real device and stream: the `Launch` every module's CUDA launch code uses.
+pub(crate) struct Cuda {
+    pub(crate) ordinal: i32,
+    pub(crate) stream: u64,
+}
+
+impl Launch for Cuda {
+    fn multiprocessors(&self) -> Result<u32> {
+        multiprocessors(self.ordinal)
+    }
+    unsafe fn launch(&self, kernel: &'static str, grid: u32, block: u32, params: &mut [*mut c_void]) -> Result<()> {
+        launch_grid(self.ordinal, self.stream, kernel, grid, block, params)
+    }
+}
+
+/// The variant of a kernel for `dtype`, from its float32, float16 and
+/// bfloat16 variants in that order; `what` names the tensor in the error.
+pub(crate) fn float_kernel(kernels: &[&'static str; 3], what: &str, dtype: DType) -> Result<&'static str> {
+    Ok(match dtype {
+        DType::F32 => kernels[0],
+        DType::F16 => kernels[1],
+        DType::BF16 => kernels[2],
+        other => return Err(Error::DType(format!("{what}: expected float32, float16 or bfloat16, got {other}"))),
+    })
+}
+
+/// Threads per block of the row-tiled kernels (8 warps; their shared tiles
+/// assume it).
+const TILE_THREADS: u32 = 256;
+/// Output rows and batch rows per block of the row-tiled kernels: one warp
+/// per row for a tile of batch rows (DELTA_WARPS / DELTA_TB in delta.cu,
+/// CB_WARPS / CB_TB in codebook.cu).
+const TILE_ROWS: usize = 8;
+const TILE_BATCH: usize = 8;
+/// Grid cap in blocks per multiprocessor; the kernels loop over the rest.
+const TILE_BLOCKS_PER_SM: u32 = 16;
+
+/// Launches a row-tiled kernel (`delta.cu`, `codebook.cu`: a grid-stride
+/// loop over (row group, batch tile)) for `rows` output rows and `batch`
+/// batch rows.
+///
+/// # Safety
+/// As `launch`.
+pub(crate) unsafe fn launch_row_tiles<L: Launch>(dev: &L, kernel: &'static str, rows: usize, batch: usize, params: &mut [*mut c_void]) -> Result<()> {
+    let blocks = (rows.div_ceil(TILE_ROWS) as u64) * (batch.div_ceil(TILE_BATCH) as u64);
+    let grid = blocks.clamp(1, (dev.multiprocessors()? * TILE_BLOCKS_PER_SM) as u64) as u32;
+    dev.launch(kernel, grid, TILE_THREADS, params)
+}
+
 pub(crate) fn arg<T>(v: &mut T) -> *mut c_void {
     v as *mut T as *mut c_void
 }
@@ -783,12 +840,7 @@ pub(crate) fn check_ptr(what: &str, p: u64) -> Result<()> {
 /// `x` or `y` exactly, but must not otherwise overlap them.
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn axpby(ordinal: i32, stream: u64, dtype: DType, out: u64, a: f32, x: u64, b: f32, y: u64, n: usize) -> Result<()> {
-    let kernel = match dtype {
-        DType::F32 => "axpby_f32",
-        DType::F16 => "axpby_f16",
-        DType::BF16 => "axpby_bf16",
-        other => return Err(Error::DType(format!("out: expected float32, float16 or bfloat16, got {other}"))),
-    };
+    let kernel = float_kernel(&["axpby_f32", "axpby_f16", "axpby_bf16"], "out", dtype)?;
     if n == 0 {
         return Ok(());
     }

@@ -14,8 +14,9 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 
 use super::host_sim::{or_skip, SimLaunch};
-use crate::delta::cuda::Launch;
+use super::Launch;
 use crate::error::{Error, Result};
+use crate::Float;
 
 const HARNESS: &str = include_str!("host_sim.cpp");
 const COMMON: &str = include_str!("../../../../cuda/common.cu");
@@ -72,6 +73,12 @@ pub(crate) fn library(tag: &'static str, sources: &[&str], dispatch: &str, symbo
         unsafe { lib.get::<SimLaunch>(name.as_bytes_with_nul()) }.map_err(|e| format!("no {symbol} in {}: {e}", path.display()))
     });
     or_skip(&format!("the {tag} host simulation"), loaded.clone())
+}
+
+/// Each element's value as f32 bits, for bit-for-bit comparisons of a
+/// simulated kernel's output with the CPU's.
+pub(crate) fn bits_of<T: Float>(v: &[T]) -> Vec<u32> {
+    v.iter().map(|x| x.to_f32().to_bits()).collect()
 }
 
 /// The simulated device.

@@ -6,45 +6,16 @@
 //! The kernels are looked up by name in the runtime's source list
 //! (`crate::cuda::SOURCES`), where `delta.cu` is registered with [`KERNELS`].
 
-use std::ffi::c_void;
-
 use super::matmul::{check, Alphas, Dims};
-use crate::cuda::{arg, check_ptr};
+use crate::cuda::{arg, check_ptr, float_kernel, launch_row_tiles};
+// Launch and Cuda live in the runtime; re-exported for the launch modules
+// that still import them from here.
+pub(crate) use crate::cuda::{Cuda, Launch};
 use crate::error::{Error, Result};
 use crate::DType;
 
-/// The kernels `cuda/delta.cu` defines.
-pub const KERNELS: &[&str] = &["delta_matmul_f32", "delta_matmul_f16", "delta_matmul_bf16"];
-/// Threads per block (8 warps; the kernel's shared tile assumes it).
-const THREADS: u32 = 256;
-/// Output rows and batch rows per block (DELTA_WARPS, DELTA_TB in delta.cu).
-const ROWS_PER_BLOCK: usize = 8;
-const BATCH_PER_BLOCK: usize = 8;
-/// Grid cap in blocks per multiprocessor; the kernel loops over the rest.
-const BLOCKS_PER_SM: u32 = 16;
-
-/// Where kernels run: the device, or the host simulation in tests.
-pub(crate) trait Launch {
-    fn multiprocessors(&self) -> Result<u32>;
-    /// # Safety
-    /// `params` point at the kernel's arguments, with its types.
-    unsafe fn launch(&self, kernel: &'static str, grid: u32, block: u32, params: &mut [*mut c_void]) -> Result<()>;
-}
-
-/// A real device and stream: the `Launch` every module's CUDA launch code uses.
-pub(crate) struct Cuda {
-    pub(crate) ordinal: i32,
-    pub(crate) stream: u64,
-}
-
-impl Launch for Cuda {
-    fn multiprocessors(&self) -> Result<u32> {
-        crate::cuda::multiprocessors(self.ordinal)
-    }
-    unsafe fn launch(&self, kernel: &'static str, grid: u32, block: u32, params: &mut [*mut c_void]) -> Result<()> {
-        crate::cuda::launch_grid(self.ordinal, self.stream, kernel, grid, block, params)
-    }
-}
+/// The kernels `cuda/delta.cu` defines (f32, f16, bf16).
+pub const KERNELS: &[&str; 3] = &["delta_matmul_f32", "delta_matmul_f16", "delta_matmul_bf16"];
 
 /// The scales as the kernel takes them.
 #[derive(Clone, Copy, Debug)]
@@ -78,15 +49,6 @@ pub struct DeviceMatmul {
     pub accumulate: bool,
 }
 
-fn kernel(dtype: DType) -> Result<&'static str> {
-    Ok(match dtype {
-        DType::F32 => KERNELS[0],
-        DType::F16 => KERNELS[1],
-        DType::BF16 => KERNELS[2],
-        other => return Err(Error::DType(format!("x: expected float32, float16 or bfloat16, got {other}"))),
-    })
-}
-
 /// y = α ⊙ (x·Sᵀ) (or y += it) on the device, queued on `m.stream`
 /// (asynchronous, like a torch op). Bit for bit [`super::matmul`] /
 /// [`super::matmul_multi`]. Adapter ids are not checked here (that would
@@ -103,7 +65,7 @@ pub unsafe fn matmul(m: &DeviceMatmul) -> Result<()> {
 
 pub(crate) unsafe fn matmul_on<L: Launch>(dev: &L, m: &DeviceMatmul) -> Result<()> {
     let d = m.dims;
-    let name = kernel(m.dtype)?;
+    let name = float_kernel(KERNELS, "x", m.dtype)?;
     // Lengths only (no host copy of the values): the Alphas here stands for
     // the shape of the device α.
     let (len, per_row) = match m.alpha {
@@ -133,8 +95,6 @@ pub(crate) unsafe fn matmul_on<L: Launch>(dev: &L, m: &DeviceMatmul) -> Result<(
     if mode != 0 {
         check_ptr("alpha", alpha_ptr)?;
     }
-    let blocks = (d.out_features.div_ceil(ROWS_PER_BLOCK) as u64) * (d.batch.div_ceil(BATCH_PER_BLOCK) as u64);
-    let grid = blocks.clamp(1, (dev.multiprocessors()? * BLOCKS_PER_SM) as u64) as u32;
     let (mut x, mut batch, mut inf, mut signs, mut rb, mut out) =
         (m.x, d.batch as u64, d.in_features as u64, m.signs, d.row_bytes() as u64, d.out_features as u64);
     let (mut tenants, mut ids, mut y, mut acc) = (d.tenants as u64, m.ids, m.y, m.accumulate as u32);
@@ -142,7 +102,7 @@ pub(crate) unsafe fn matmul_on<L: Launch>(dev: &L, m: &DeviceMatmul) -> Result<(
         arg(&mut x), arg(&mut batch), arg(&mut inf), arg(&mut signs), arg(&mut rb), arg(&mut out), arg(&mut tenants),
         arg(&mut alpha_ptr), arg(&mut alpha0), arg(&mut mode), arg(&mut ids), arg(&mut y), arg(&mut acc),
     ];
-    dev.launch(name, grid, THREADS, &mut params)
+    launch_row_tiles(dev, name, d.out_features, d.batch, &mut params)
 }
 
 #[cfg(test)]
@@ -153,7 +113,7 @@ mod sim {
     use half::{bf16, f16};
 
     use super::*;
-    use crate::cuda::sim_lib::{library, Sim};
+    use crate::cuda::sim_lib::{bits_of, library, Sim};
     use crate::delta::matmul::{matmul, matmul_multi};
     use crate::test_rng::XorShift;
     use crate::Float;
@@ -180,10 +140,6 @@ extern "C" int delta_sim_launch(const char* name, unsigned grid, unsigned block,
 
     fn sim_launch() -> Option<libloading::Symbol<'static, crate::cuda::host_sim::SimLaunch>> {
         library("delta", &[SOURCE], DISPATCH, "delta_sim_launch")
-    }
-
-    fn bits_of<T: Float>(v: &[T]) -> Vec<u32> {
-        v.iter().map(|x| x.to_f32().to_bits()).collect()
     }
 
     fn case<T: Float>(sim: &Sim, batch: usize, inf: usize, out: usize, tenants: usize, per_row: bool, accumulate: bool, seed: u64) {
