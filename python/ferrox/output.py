@@ -495,6 +495,38 @@ def _unblock_signals(previous) -> None:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
+def read_folder(path: str, fmt: str, meta_key: str, label: str, kind: str, packed: Callable[[str, dict, dict], object]):
+    """The headers of a ferrox output folder whose every file records
+    ``ferrox_format: fmt``: (the JSON under ``meta_key`` in its first file's
+    metadata, {NAME: ``packed(NAME, record, stored tensors by name)``} for the
+    records of ``kind``, {NAME: its stored tensor} for the others, kept
+    verbatim), in the metadata's tensor order; ``packed`` raises for a
+    missing part. ``label`` names the format in errors ("codebook",
+    "BitDelta"), which give the path and the formats found."""
+    # Imported here: checkpoint loads the extension, which writers need not.
+    from . import checkpoint as ckpt
+
+    info = ckpt.read_checkpoint(path)
+    metas = [info.metadata.get(f, {}) for f in info.files]
+    if not metas or any(m.get(FORMAT_KEY) != fmt for m in metas):
+        found = sorted({m.get(FORMAT_KEY, "no ferrox_format") for m in metas})
+        raise ValueError(f"{path}: not a {label} folder (ferrox_format: {', '.join(found) or 'none'})")
+    try:
+        meta = json.loads(metas[0][meta_key])
+    except (KeyError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: {label} metadata {meta_key!r} is missing or not JSON ({e})") from None
+    by_name = {t.name: t for t in info.tensors}
+    entries, verbatim = {}, {}
+    for name, rec in meta["tensors"].items():
+        if rec["kind"] == kind:
+            entries[name] = packed(name, rec, by_name)
+        elif name in by_name:
+            verbatim[name] = by_name[name]
+        else:
+            raise ValueError(f"{path}: tensor {name!r} is missing")
+    return meta, entries, verbatim
+
+
 def read_report(folder) -> Optional[dict]:
     """The ``ferrox_report.json`` of a ferrox output folder, or None."""
     path = os.path.join(os.fspath(folder), REPORT_FILE)

@@ -42,7 +42,7 @@ from typing import Dict, Optional, Tuple
 
 from .. import checkpoint as ckpt
 from .. import dtypes
-from ..output import FORMAT_KEY
+from ..output import read_folder
 
 FORMAT = "codebook"
 META_KEY = "ferrox_codebook"
@@ -156,30 +156,17 @@ class CodebookFolder:
     @classmethod
     def open(cls, path) -> "CodebookFolder":
         path = os.fspath(path)
-        info = ckpt.read_checkpoint(path)
-        metas = [info.metadata.get(f, {}) for f in info.files]
-        if not metas or any(m.get(FORMAT_KEY) != FORMAT for m in metas):
-            found = sorted({m.get(FORMAT_KEY, "no ferrox_format") for m in metas})
-            raise ValueError(f"{path}: not a codebook folder (ferrox_format: {', '.join(found) or 'none'})")
-        try:
-            meta = json.loads(metas[0][META_KEY])
-        except (KeyError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path}: codebook metadata {META_KEY!r} is missing or not JSON ({e})") from None
-        by_name = {t.name: t for t in info.tensors}
-        entries, verbatim = {}, {}
-        for name, rec in meta["tensors"].items():
-            if rec["kind"] == "codebook":
-                parts = {s: by_name[name + s] for s in SUFFIXES if name + s in by_name}
-                if CODES not in parts or CODEBOOKS not in parts:
-                    raise ValueError(f"{path}: tensor {name!r}: its codes or codebooks are missing")
-                if not isinstance(rec.get("error"), (int, float)):
-                    raise ValueError(f"{path}: tensor {name!r}: no reconstruction error recorded "
-                                     f"(an interrupted compress?)")
-                entries[name] = parts
-            else:
-                if name not in by_name:
-                    raise ValueError(f"{path}: tensor {name!r} is missing")
-                verbatim[name] = by_name[name]
+
+        def parts(name, rec, by_name):
+            found = {s: by_name[name + s] for s in SUFFIXES if name + s in by_name}
+            if CODES not in found or CODEBOOKS not in found:
+                raise ValueError(f"{path}: tensor {name!r}: its codes or codebooks are missing")
+            if not isinstance(rec.get("error"), (int, float)):
+                raise ValueError(f"{path}: tensor {name!r}: no reconstruction error recorded "
+                                 f"(an interrupted compress?)")
+            return found
+
+        meta, entries, verbatim = read_folder(path, FORMAT, META_KEY, "codebook", "codebook", parts)
         return cls(path, meta, entries, verbatim)
 
     def codebook_tensor(self, name: str, reader: Optional[ckpt.TensorReader] = None) -> CodebookTensor:

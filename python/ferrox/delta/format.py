@@ -25,7 +25,7 @@ from typing import Dict, List, Optional, Tuple
 
 from .. import checkpoint as ckpt
 from .. import dtypes
-from ..output import FORMAT_KEY
+from ..output import read_folder
 
 FORMAT = "bitdelta"
 META_KEY = "ferrox_bitdelta"
@@ -66,28 +66,14 @@ class BitDelta:
     @classmethod
     def load(cls, path) -> "BitDelta":
         path = os.fspath(path)
-        info = ckpt.read_checkpoint(path)
-        metas = [info.metadata.get(f, {}) for f in info.files]
-        if not metas or any(m.get(FORMAT_KEY) != FORMAT for m in metas):
-            found = sorted({m.get(FORMAT_KEY, "no ferrox_format") for m in metas})
-            raise ValueError(f"{path}: not a BitDelta folder (ferrox_format: {', '.join(found) or 'none'})")
-        try:
-            meta = json.loads(metas[0][META_KEY])
-        except (KeyError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path}: BitDelta metadata {META_KEY!r} is missing or not JSON ({e})") from None
-        by_name = {t.name: t for t in info.tensors}
-        entries, verbatim = {}, {}
-        for name, rec in meta["tensors"].items():
-            if rec["kind"] == "bitdelta":
-                signs, alpha = by_name.get(name + SIGNS), by_name.get(name + ALPHA)
-                if signs is None or alpha is None:
-                    raise ValueError(f"{path}: tensor {name!r}: its signs or alpha are missing")
-                entries[name] = DeltaEntry(name, rec["dtype"], tuple(rec["shape"]), signs, alpha)
-            else:
-                t = by_name.get(name)
-                if t is None:
-                    raise ValueError(f"{path}: tensor {name!r} is missing")
-                verbatim[name] = t
+
+        def entry(name, rec, by_name):
+            signs, alpha = by_name.get(name + SIGNS), by_name.get(name + ALPHA)
+            if signs is None or alpha is None:
+                raise ValueError(f"{path}: tensor {name!r}: its signs or alpha are missing")
+            return DeltaEntry(name, rec["dtype"], tuple(rec["shape"]), signs, alpha)
+
+        meta, entries, verbatim = read_folder(path, FORMAT, META_KEY, "BitDelta", "bitdelta", entry)
         base = {n: (v[0], tuple(v[1]), v[2]) for n, v in meta["base"].items()}
         if any(h == HASH_PLACEHOLDER for _, _, h in base.values()):
             raise ValueError(f"{path}: base hashes were never written (an interrupted compress?)")
