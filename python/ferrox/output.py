@@ -495,11 +495,11 @@ def _unblock_signals(previous) -> None:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
-def read_folder(path: str, fmt: str, meta_key: str, label: str, kind: str, packed: Callable[[str, dict, dict], object]):
+def read_folder(path: str, fmt: str, meta_key: str, label: str, packed: Callable[[str, dict, dict], object]):
     """The headers of a ferrox output folder whose every file records
     ``ferrox_format: fmt``: (the JSON under ``meta_key`` in its first file's
     metadata, {NAME: ``packed(NAME, record, stored tensors by name)``} for the
-    records of ``kind``, {NAME: its stored tensor} for the others, kept
+    records of kind ``fmt``, {NAME: its stored tensor} for the others, kept
     verbatim), in the metadata's tensor order; ``packed`` raises for a
     missing part. ``label`` names the format in errors ("codebook",
     "BitDelta"), which give the path and the formats found."""
@@ -518,7 +518,7 @@ def read_folder(path: str, fmt: str, meta_key: str, label: str, kind: str, packe
     by_name = {t.name: t for t in info.tensors}
     entries, verbatim = {}, {}
     for name, rec in meta["tensors"].items():
-        if rec["kind"] == kind:
+        if rec["kind"] == fmt:
             entries[name] = packed(name, rec, by_name)
         elif name in by_name:
             verbatim[name] = by_name[name]

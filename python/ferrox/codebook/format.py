@@ -130,7 +130,6 @@ def from_stored(rec: dict, parts: Dict[str, "object"]) -> CodebookTensor:
     cb = parts[CODEBOOKS].float()
     if d == 1:
         cb = cb.unsqueeze(-1)
-    g = cb.shape[0]
     offsets = parts.get(OFFSETS)
     if offsets is None:
         offsets = torch.tensor([0, shape[0]], dtype=torch.int32)
@@ -166,7 +165,7 @@ class CodebookFolder:
                                  f"(an interrupted compress?)")
             return found
 
-        meta, entries, verbatim = read_folder(path, FORMAT, META_KEY, "codebook", "codebook", parts)
+        meta, entries, verbatim = read_folder(path, FORMAT, META_KEY, "codebook", parts)
         return cls(path, meta, entries, verbatim)
 
     def codebook_tensor(self, name: str, reader: Optional[ckpt.TensorReader] = None) -> CodebookTensor:

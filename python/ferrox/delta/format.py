@@ -73,7 +73,7 @@ class BitDelta:
                 raise ValueError(f"{path}: tensor {name!r}: its signs or alpha are missing")
             return DeltaEntry(name, rec["dtype"], tuple(rec["shape"]), signs, alpha)
 
-        meta, entries, verbatim = read_folder(path, FORMAT, META_KEY, "BitDelta", "bitdelta", entry)
+        meta, entries, verbatim = read_folder(path, FORMAT, META_KEY, "BitDelta", entry)
         base = {n: (v[0], tuple(v[1]), v[2]) for n, v in meta["base"].items()}
         if any(h == HASH_PLACEHOLDER for _, _, h in base.values()):
             raise ValueError(f"{path}: base hashes were never written (an interrupted compress?)")

@@ -701,7 +701,8 @@ mod x86 {
         batch: usize,
         codes: &'a [u8],
         rb: usize,
-        tables: Vec<__m512>,
+        /// Row k's codebook (a block is at most a task's rows).
+        tables: [__m512; super::ROWS_PER_TASK],
         g: Grouped,
         inf: usize,
     }
@@ -726,13 +727,14 @@ mod x86 {
     #[allow(clippy::too_many_arguments)]
     pub(super) fn grouped_block_sums<'t>(xp: &[f32], stride: usize, batch: usize, codes: &[u8], table_of: &dyn Fn(usize) -> &'t [f32], dims: &CodebookDims, block: &mut [f32]) {
         let n = block.len() / batch;
+        assert!(n <= super::ROWS_PER_TASK);
         let c = Block {
             xp,
             stride,
             batch,
             codes,
             rb: dims.row_bytes(),
-            tables: (0..n).map(|k| table16(table_of(k))).collect(),
+            tables: std::array::from_fn(|k| if k < n { table16(table_of(k)) } else { _mm512_setzero_ps() }),
             g: Grouped::new(dims.bits as usize),
             inf: dims.in_features,
         };
